@@ -1,0 +1,52 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+The admin listener: C{/healthz} (the process is alive), C{/readyz} (the
+objects are loaded and fresh: 503 before the first full load, while the
+source is stale, and while draining), C{/metrics} (Prometheus text).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def __init__(self, answer: Callable[[], tuple[int, bytes]]) -> None:
+        super().__init__()
+        self._answer = answer
+
+    def render_GET(self, request: Request) -> bytes:
+        code, body = self._answer()
+        request.setResponseCode(code)
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return body
+
+    render_HEAD = render_GET
+
+
+def admin_resource(ready: Callable[[], str | None], metrics: Resource | None = None) -> Resource:
+    """
+    @param ready: C{None} when ready, else the reason it is not (shown in
+        the 503 body).
+    @param metrics: the C{/metrics} resource, when metrics are served.
+    """
+    root = Resource()
+    root.putChild(b"healthz", _Text(lambda: (200, b"ok\n")))
+
+    def readyz() -> tuple[int, bytes]:
+        reason = ready()
+        return (200, b"ready\n") if reason is None else (503, reason.encode("utf-8") + b"\n")
+
+    root.putChild(b"readyz", _Text(readyz))
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
+    return root
+
+

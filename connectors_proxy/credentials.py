@@ -1,0 +1,144 @@
+# -*- test-case-name: tests.test_credentials -*-
+"""
+Where credentials are injected: a Connector's Secret turned into the
+credentials the upstream gets.  Pure functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Union
+from urllib.parse import urlsplit
+
+from attrs import field, frozen
+
+from .objects import (
+    SECRET_BASIC, SECRET_BEARER, SECRET_DOCKERCONFIG, SECRET_REGISTRY,
+    Connector, ConnectorClass, Secret,
+)
+from .state import Snapshot
+
+
+@frozen
+class BasicCredentials:
+    username: str
+    password: str = field(repr=False)
+
+    def authorization(self) -> bytes:
+        pair = f"{self.username}:{self.password}".encode("utf-8")
+        return b"Basic " + base64.b64encode(pair)
+
+
+@frozen
+class BearerCredentials:
+    token: str = field(repr=False)
+
+    def authorization(self) -> bytes:
+        return b"Bearer " + self.token.encode("utf-8")
+
+
+Credentials = Union[BasicCredentials, BearerCredentials]
+
+
+class CredentialsUnavailable(Exception):
+    """
+    The Connector needs a Secret that is missing or unusable.
+
+    @ivar reason: a condition reason (C{SecretNotFound}, C{InvalidSecret}).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _text(secret: Secret, key: str) -> str:
+    try:
+        return secret.data[key].decode("utf-8")
+    except KeyError:
+        raise CredentialsUnavailable(
+            "InvalidSecret", f"Secret {secret.ref} (type {secret.type}) has no key {key!r}"
+        ) from None
+    except UnicodeDecodeError:
+        raise CredentialsUnavailable("InvalidSecret", f"Secret {secret.ref} key {key!r} is not UTF-8") from None
+
+
+def _docker_host(key: str) -> str:
+    """The registry host of a config.json C{auths} key (C{https://h/v1/}, C{h:5000}, C{h})."""
+    if "://" not in key:
+        key = "//" + key
+    parts = urlsplit(key)
+    return (parts.netloc or parts.path).lower()
+
+
+def from_dockerconfig(secret: Secret, address: str) -> Credentials:
+    """The C{auths} entry of a dockerconfigjson Secret whose host matches C{address}."""
+    try:
+        config = json.loads(secret.data[".dockerconfigjson"])
+        auths = config["auths"]
+        if not isinstance(auths, dict):
+            raise TypeError
+    except (KeyError, ValueError, TypeError):
+        raise CredentialsUnavailable(
+            "InvalidSecret", f"Secret {secret.ref}: .dockerconfigjson has no 'auths' mapping"
+        ) from None
+    target = urlsplit(address)
+    hosts = {target.netloc.lower(), (target.hostname or "").lower()}
+    for key, entry in auths.items():
+        if _docker_host(key) not in hosts or not isinstance(entry, dict):
+            continue
+        if entry.get("username") and entry.get("password"):
+            return BasicCredentials(str(entry["username"]), str(entry["password"]))
+        if entry.get("auth"):
+            try:
+                user, _, password = base64.b64decode(entry["auth"]).decode("utf-8").partition(":")
+            except (binascii.Error, UnicodeDecodeError, ValueError):
+                break
+            return BasicCredentials(user, password)
+        if entry.get("identitytoken"):
+            return BearerCredentials(str(entry["identitytoken"]))
+    raise CredentialsUnavailable(
+        "InvalidSecret", f"Secret {secret.ref}: .dockerconfigjson has no usable entry for {target.netloc}"
+    )
+
+
+def from_secret(secret: Secret, address: str) -> Credentials:
+    """Credentials of one Secret, by its type (SPEC section 2)."""
+    if secret.type in (SECRET_BASIC, SECRET_REGISTRY):
+        return BasicCredentials(_text(secret, "username"), _text(secret, "password"))
+    if secret.type == SECRET_BEARER:
+        return BearerCredentials(_text(secret, "token"))
+    if secret.type == SECRET_DOCKERCONFIG:
+        return from_dockerconfig(secret, address)
+    # Opaque and other types (e.g. a PAT Secret): the keys say what it is.
+    if "token" in secret.data:
+        return BearerCredentials(_text(secret, "token"))
+    if "username" in secret.data and "password" in secret.data:
+        return BasicCredentials(_text(secret, "username"), _text(secret, "password"))
+    raise CredentialsUnavailable(
+        "InvalidSecret",
+        f"Secret {secret.ref} of type {secret.type} has neither 'token' nor 'username'/'password'",
+    )
+
+
+def resolve(connector: Connector, connector_class: ConnectorClass | None,
+            snapshot: Snapshot) -> Credentials | None:
+    """
+    The credentials to inject for C{connector}, C{None} for an anonymous
+    upstream; L{CredentialsUnavailable} when a required Secret is missing.
+    """
+    if connector.secret_ref is None:
+        return None
+    secret = snapshot.secret(connector.secret_ref)
+    if secret is None:
+        auth = connector_class.auth_type(connector.auth_name) if connector_class else None
+        if auth is not None and auth.optional:
+            return None
+        raise CredentialsUnavailable(
+            "SecretNotFound",
+            f"Secret {connector.secret_ref} of Connector {connector.ref} was not found",
+        )
+    return from_secret(secret, connector.address)

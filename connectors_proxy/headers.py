@@ -1,0 +1,108 @@
+# -*- test-case-name: tests.test_headers -*-
+"""
+Header rewriting between client and upstream, as pure functions over
+L{twisted.web.http_headers.Headers}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.web.http_headers import Headers
+
+# RFC 9110 section 7.6.1 connection-specific fields, plus the proxy's own
+# authentication fields, which are for this hop only.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate",
+})
+
+# Never copied to the upstream: the client's own credentials (they are a
+# Kubernetes token, not the tool's), and the framing Agent writes itself.
+_NOT_UPSTREAM = frozenset({b"authorization", b"host", b"content-length", b"expect"})
+
+# Never copied back to the client: framing Twisted writes itself.
+_NOT_DOWNSTREAM = frozenset({b"content-length", b"date", b"server"})
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def _copy(headers: Headers, drop: Iterable[bytes]) -> Headers:
+    dropped = set(drop) | HOP_BY_HOP | _connection_tokens(headers)
+    out = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in dropped:
+            out.setRawHeaders(name, list(values))
+    return out
+
+
+def upstream_request_headers(client: Headers, client_address: str, client_host: bytes | None,
+                             client_scheme: bytes) -> Headers:
+    """
+    The headers to send upstream for a client request, before credentials
+    are added: hop-by-hop fields, the client's Authorization and
+    Proxy-Authorization, Host and Content-Length removed; repeated headers
+    kept in order; C{X-Forwarded-For} extended, C{X-Forwarded-Proto} and
+    C{X-Forwarded-Host} set.
+    """
+    out = _copy(client, _NOT_UPSTREAM)
+    forwarded_for = b", ".join(client.getRawHeaders(b"x-forwarded-for", []))
+    addr = client_address.encode("ascii", "replace")
+    out.setRawHeaders(b"X-Forwarded-For", [forwarded_for + b", " + addr if forwarded_for else addr])
+    out.setRawHeaders(b"X-Forwarded-Proto", [client_scheme])
+    if client_host:
+        out.setRawHeaders(b"X-Forwarded-Host", [client_host])
+    return out
+
+
+def client_response_headers(upstream: Headers) -> Headers:
+    """
+    The upstream response's headers as the client gets them: hop-by-hop
+    fields dropped, the rest kept (repeated ones too).  C{Location} is
+    rewritten separately, by L{rewrite_location}.
+    """
+    return _copy(upstream, _NOT_DOWNSTREAM)
+
+
+def rewrite_location(location: bytes, upstream_base: bytes, client_base: bytes,
+                     client_prefix: bytes) -> bytes:
+    """
+    Map a C{Location} (or any URL the upstream hands out) that points at the
+    upstream back to the address the client used.
+
+    @param upstream_base: the Connector's address, C{scheme://host[:port][/prefix]},
+        without a trailing slash.
+    @param client_base: C{scheme://host[:port]} as the client reached the proxy.
+    @param client_prefix: the path the client put before the upstream path
+        (C{b""} in host mode, C{/namespaces/NS/connectors/NAME} in path mode).
+
+    URLs that point elsewhere are returned unchanged.
+    """
+    scheme_end = upstream_base.find(b"://") + 3
+    path_start = upstream_base.find(b"/", scheme_end)
+    origin = upstream_base if path_start < 0 else upstream_base[:path_start]
+    prefix = b"" if path_start < 0 else upstream_base[path_start:]
+
+    if location.startswith(b"//"):
+        location = upstream_base.split(b":", 1)[0] + b":" + location
+    if location.lower().startswith(origin.lower() + b"/") or location.lower() == origin.lower():
+        path = location[len(origin):] or b"/"
+        absolute = True
+    elif location.startswith(b"/"):
+        path = location
+        absolute = False
+    else:
+        return location
+    if prefix and not (path == prefix or path.startswith(prefix + b"/") or path.startswith(prefix + b"?")):
+        # Points above the Connector's path prefix: the client cannot reach
+        # it through this Connector, so leave it as the upstream said.
+        return location
+    mapped = client_prefix + path[len(prefix):]
+    if not mapped.startswith(b"/"):
+        mapped = b"/" + mapped
+    return client_base + mapped if absolute else mapped

@@ -1,0 +1,335 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+The streaming relay: send a client request upstream through
+L{twisted.web.client.Agent} with a persistent connection pool, and stream
+the response back with backpressure in both directions.
+
+Every protocol (REST, git, OCI) goes through here; what differs between them
+(which headers, which URL, which response rewrites) is decided by the
+protocol module and passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+from attrs import define, field, frozen
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, ResponseNeverReceived,
+)
+from twisted.web.client import _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+
+from .credentials import Credentials
+from .errors import ProxyError, bad_gateway, error_response
+from .headers import client_response_headers, rewrite_location, upstream_request_headers
+from .interfaces import Identity
+from .objects import Connector, ConnectorClass
+from .routing import Route
+from .streaming import ProxyRequest
+from .tls import describe_tls_failure, tls_error
+
+log = Logger()
+
+# Idle upstream connections kept per host: enough that a burst of parallel
+# requests (50 wrk connections, 10 parallel layer pulls) reuses connections
+# instead of opening new ones each time.
+MAX_IDLE_PER_HOST = 64
+IDLE_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
+
+
+@frozen
+class Target:
+    """
+    Everything known about a request once it has been authenticated,
+    authorized and routed: the Connector, its class, the credentials to
+    inject, how the client addressed it, and the agent that reaches it.
+    """
+
+    connector: Connector
+    connector_class: ConnectorClass
+    identity: Identity
+    route: Route
+    credentials: Credentials | None = field(repr=False)
+    agent: IAgent = field(repr=False)
+    client_base: bytes
+
+    @property
+    def upstream_base(self) -> bytes:
+        return self.connector.address.encode("utf-8")
+
+    def upstream_url(self, rest: bytes | None = None) -> bytes:
+        return self.upstream_base + (self.route.rest if rest is None else rest)
+
+    def to_client(self, url: bytes) -> bytes:
+        """Map an upstream URL (absolute or path) back to what the client uses."""
+        return rewrite_location(url, self.upstream_base, self.client_base, self.route.client_prefix)
+
+
+def client_base(request: ProxyRequest) -> bytes:
+    """C{scheme://host[:port]} as the client reached the proxy."""
+    scheme = b"https" if request.isSecure() else b"http"
+    host = request.getHeader(b"host")
+    if not host:
+        addr = request.getHost()
+        host = f"{addr.host}:{addr.port}".encode()
+    return scheme + b"://" + host
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    # One "Starting factory" line per upstream connection is noise.
+    noisy = False
+
+
+@define
+class Agents:
+    """
+    The upstream agents: one connection pool per TLS identity, so a
+    connection opened with one Connector's client certificate or CA is never
+    reused for another's.
+    """
+
+    reactor: IReactorTime
+    policy_for: Callable[[bytes | None, bytes | None, bytes | None], IPolicyForHTTPS]
+    _agents: dict[tuple[bytes | None, bytes | None, bytes | None], IAgent] = field(factory=dict)
+    _pools: list[HTTPConnectionPool] = field(factory=list)
+
+    def agent(self, ca_pem: bytes | None = None, cert_pem: bytes | None = None,
+              key_pem: bytes | None = None) -> IAgent:
+        key = (ca_pem, cert_pem, key_pem)
+        agent = self._agents.get(key)
+        if agent is None:
+            pool = HTTPConnectionPool(self.reactor, persistent=True)
+            pool._factory = _QuietClientFactory
+            pool.maxPersistentPerHost = MAX_IDLE_PER_HOST
+            pool.cachedConnectionTimeout = IDLE_TIMEOUT
+            self._pools.append(pool)
+            agent = Agent(self.reactor, contextFactory=self.policy_for(ca_pem, cert_pem, key_pem),
+                          pool=pool, connectTimeout=CONNECT_TIMEOUT)
+            self._agents[key] = agent
+        return agent
+
+    def close(self) -> Deferred[object]:
+        from twisted.internet.defer import gatherResults
+        return gatherResults([pool.closeCachedConnections() for pool in self._pools])
+
+
+def request_headers(request: ProxyRequest, target: Target) -> Headers:
+    """The upstream request headers for C{request}, with the Connector's credentials."""
+    peer = request.getClientAddress()
+    headers = upstream_request_headers(
+        request.requestHeaders,
+        getattr(peer, "host", "unknown"),
+        request.getHeader(b"host"),
+        b"https" if request.isSecure() else b"http",
+    )
+    if target.credentials is not None:
+        headers.setRawHeaders(b"Authorization", [target.credentials.authorization()])
+    return headers
+
+
+def describe_failure(reason: Failure, target: Target) -> str:
+    """A one-line explanation of why the upstream could not be reached."""
+    address = target.connector.address
+    inner = reason.value
+    if isinstance(inner, (ResponseNeverReceived, ResponseFailed)) and inner.reasons:
+        inner = inner.reasons[0].value
+        reason = Failure(inner)
+    if tls_error(reason) is not None:
+        return f"TLS to {address} failed: {describe_tls_failure(reason, urlsplit(address).hostname)}"
+    if isinstance(inner, DNSLookupError):
+        return f"cannot resolve the host of {address}"
+    if isinstance(inner, (TimeoutError, ConnectingCancelledError)):
+        return f"timed out connecting to {address}"
+    if isinstance(inner, ConnectError):
+        return f"cannot connect to {address} ({inner.__class__.__name__})"
+    return f"upstream {address} closed the connection without a complete response"
+
+
+async def send(target: Target, method: bytes, url: bytes, headers: Headers,
+               body: IBodyProducer | None, request: ProxyRequest | None = None) -> IResponse:
+    """
+    Send one request upstream.  A client that goes away while we wait
+    cancels it.  Failures to reach the upstream become a 502 L{ProxyError}
+    whose message says why, naming no credential.
+    """
+    d = target.agent.request(method, url, headers, body)
+    if request is not None:
+        cancel = _on_disconnect(request, d.cancel)
+    try:
+        response: IResponse = await d
+    except CancelledError:
+        raise ProxyError(499, "CLIENT_CLOSED", "client went away") from None
+    except Exception:
+        raise bad_gateway(describe_failure(Failure(), target)) from None
+    finally:
+        if request is not None:
+            cancel()
+    return response
+
+
+def _on_disconnect(request: ProxyRequest, action: Callable[[], object]) -> Callable[[], None]:
+    """Run C{action} if the client disconnects; the returned callable disarms it."""
+    armed = [True]
+
+    def lost(reason: Failure) -> None:
+        if armed[0]:
+            action()
+
+    request.notifyFinish().addErrback(lost)
+
+    def disarm() -> None:
+        armed[0] = False
+
+    return disarm
+
+
+def response_headers(target: Target, response: IResponse) -> Headers:
+    """Upstream response headers for the client, with C{Location} mapped back."""
+    headers = client_response_headers(response.headers)
+    locations = headers.getRawHeaders(b"location")
+    if locations:
+        headers.setRawHeaders(b"Location", [target.to_client(loc) for loc in locations])
+    return headers
+
+
+class _ResponseRelay(Protocol):
+    """
+    Writes an upstream response body to the client.  The client's channel
+    pauses the upstream transport when its send buffer fills, so a slow
+    client slows the upstream read instead of filling memory.
+    """
+
+    def __init__(self, request: ProxyRequest, done: Deferred[int]) -> None:
+        self.request = request
+        self.done = done
+        self.sent = 0
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.sent += len(data)
+        self.request.write(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if self.request.producer is not None:
+            self.request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(self.sent)
+        else:
+            self.done.errback(reason)
+
+
+async def stream_response(request: ProxyRequest, response: IResponse, headers: Headers,
+                          code: int | None = None) -> int:
+    """
+    Send C{response} to the client with C{headers}, streaming its body.
+    Fires with the number of body bytes relayed.  If the client goes away,
+    the upstream response is abandoned (its connection closed).
+    """
+    request.setResponseCode(code or response.code, response.phrase)
+    for name, values in headers.getAllRawHeaders():
+        request.responseHeaders.setRawHeaders(name, list(values))
+    length = response.length
+    if isinstance(length, int):
+        request.responseHeaders.setRawHeaders(b"Content-Length", [str(length).encode()])
+    done: Deferred[int] = Deferred()
+    relay = _ResponseRelay(request, done)
+    response.deliverBody(relay)
+    disarm = _on_disconnect(request, lambda: relay.transport and relay.transport.stopProducing())
+    try:
+        sent = await done
+    except Exception:
+        # The upstream broke off mid-body: the client must not mistake the
+        # truncated body for a complete one, so the connection is cut.
+        disarm()
+        if not request.finished and request.channel is not None:
+            request.channel.transport.abortConnection()
+        return relay.sent
+    disarm()
+    if not request.finished and not request._disconnected:
+        request.finish()
+    return sent
+
+
+async def read_body(response: IResponse, limit: int) -> bytes:
+    """
+    Read a small response body (JSON the proxy rewrites: token answers, LFS
+    batch responses, tag lists).  A body over C{limit} bytes is an error:
+    the proxy never buffers large bodies.
+    """
+    chunks: list[bytes] = []
+    done: Deferred[None] = Deferred()
+
+    class Collect(Protocol):
+        size = 0
+
+        def dataReceived(self, data: bytes) -> None:
+            self.size += len(data)
+            if self.size > limit:
+                self.transport.stopProducing()
+                return
+            chunks.append(data)
+
+        def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+            if self.size > limit:
+                done.errback(bad_gateway(f"upstream response larger than {limit} bytes"))
+            elif reason.check(ResponseDone, PotentialDataLoss):
+                done.callback(None)
+            else:
+                done.errback(bad_gateway("upstream closed the connection mid-response"))
+
+    response.deliverBody(Collect())
+    await done
+    return b"".join(chunks)
+
+
+def send_bytes(request: ProxyRequest, code: int, headers: Mapping[bytes, bytes] | Headers,
+               body: bytes) -> None:
+    """Answer the client with a small body the proxy made itself."""
+    request.setResponseCode(code)
+    items = headers.getAllRawHeaders() if isinstance(headers, Headers) else ((k, [v]) for k, v in headers.items())
+    for name, values in items:
+        request.responseHeaders.setRawHeaders(name, list(values))
+    request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
+    if body:
+        request.write(body)
+    if not request.finished and not request._disconnected:
+        request.finish()
+
+
+def send_error(request: ProxyRequest, error: ProxyError, oci: bool) -> None:
+    """
+    Answer with the proxy's own error, or, when the response has already
+    started, cut the connection so the client sees a failure rather than a
+    truncated success.
+    """
+    if request.finished or request._disconnected:
+        return
+    if request.startedWriting:
+        request.channel.transport.abortConnection()
+        return
+    headers, body = error_response(error, oci)
+    send_bytes(request, error.status, headers, body)
+
+
+async def proxy(request: ProxyRequest, target: Target, rest: bytes | None = None) -> int:
+    """
+    The whole relay for one request: credentials injected, body streamed up,
+    response streamed down with C{Location} mapped back.  Returns the number
+    of response body bytes.
+    """
+    response = await send(target, request.method, target.upstream_url(rest),
+                          request_headers(request, target), request.body, request)
+    return await stream_response(request, response, response_headers(target, response))

@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.test_routing -*-
+"""
+Where a request is routed: which Connector it names, and what part of the
+request target goes to the upstream.  Pure functions over bytes.
+
+A request names its Connector by host (C{c-NAME.NS.svc.CLUSTER-DOMAIN},
+C{c-NAME.NS.svc}, C{c-NAME.NS}; in the Host header or an absolute-form
+target) or by path (C{/namespaces/NS/connectors/NAME/...}; for OCI clients,
+whose paths start with C{/v2/}, C{/v2/namespaces/NS/connectors/NAME/REPO...}).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_to_bytes
+
+from attrs import frozen
+
+# A DNS-1123 label: what a namespace or a host-routable Connector name is.
+_LABEL = rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_PATH_ROUTE = re.compile(rb"^/namespaces/(" + _LABEL + rb")/connectors/(" + _LABEL + rb")(/.*)?$", re.S)
+_OCI_PATH_ROUTE = re.compile(
+    rb"^/v2/namespaces/(" + _LABEL + rb")/connectors/(" + _LABEL + rb")(/.*)?$", re.S
+)
+_HOST_ROUTE = re.compile(rb"^c-(" + _LABEL + rb")\.(" + _LABEL + rb")$")
+
+
+class BadTarget(ValueError):
+    """The request target cannot be served safely (a 400 for the client)."""
+
+
+@frozen
+class Route:
+    """
+    What a request addresses.
+
+    @ivar namespace: the Connector's namespace, or C{None} when the request
+        names no Connector (an OCI C{/v2/} ping in path mode, a forward-proxy
+        request for some origin, or nothing at all).
+    @ivar rest: the path and query to append to the Connector's address,
+        byte for byte as the client sent them.
+    @ivar client_prefix: the path the client put in front of C{rest}; upstream
+        paths are mapped back under it (C{b""} in host mode).
+    @ivar oci_path: C{True} for OCI path mode (C{rest} is then C{/v2/REPO...}).
+    @ivar origin: for absolute-form targets whose host is not a Connector host
+        (forward-proxy use), the target's C{scheme://host[:port]}.
+    """
+
+    namespace: str | None
+    name: str | None
+    rest: bytes
+    client_prefix: bytes = b""
+    oci_path: bool = False
+    origin: bytes | None = None
+
+    @property
+    def names_connector(self) -> bool:
+        return self.namespace is not None and self.name is not None
+
+
+def split_target(target: bytes) -> tuple[bytes | None, bytes]:
+    """
+    Split a request target into (absolute-form origin or C{None}, path+query).
+
+    C{b"http://h:1/a?b"} gives C{(b"http://h:1", b"/a?b")}; C{b"/a"} gives
+    C{(None, b"/a")}.
+    """
+    lower = target[:8].lower()
+    if lower.startswith(b"http://") or lower.startswith(b"https://"):
+        scheme_end = target.index(b"://") + 3
+        slash = target.find(b"/", scheme_end)
+        query = target.find(b"?", scheme_end)
+        cut = min(i for i in (slash, query, len(target)) if i >= 0)
+        origin, path = target[:cut], target[cut:]
+        if not path.startswith(b"/"):
+            path = b"/" + path
+        if origin[scheme_end:] == b"" or b"@" in origin[scheme_end:]:
+            raise BadTarget("absolute-form target has no host, or carries credentials")
+        return origin, path
+    if target == b"*" or not target.startswith(b"/"):
+        raise BadTarget("request target must be a path starting with '/' or an absolute http URL")
+    return None, target
+
+
+def host_connector(host: bytes, cluster_domain: str) -> tuple[str, str] | None:
+    """
+    The C{(namespace, name)} a host name designates, or C{None}.  The port and
+    a trailing dot are ignored; letters are compared case-insensitively.
+    """
+    name = host.strip().lower()
+    if name.startswith(b"["):
+        return None
+    name = name.rsplit(b":", 1)[0] if b":" in name else name
+    name = name.rstrip(b".")
+    for suffix in (b".svc." + cluster_domain.lower().encode("ascii"), b".svc"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    match = _HOST_ROUTE.match(name)
+    if match is None:
+        return None
+    return match.group(2).decode("ascii"), match.group(1).decode("ascii")
+
+
+def check_rest(rest: bytes) -> None:
+    """
+    Refuse a path that could climb out of where it was authorized: any
+    segment that is C{.} or C{..} once percent-decoding (repeated, to catch
+    double encoding) and backslashes are taken into account.  Encoded slashes
+    themselves are allowed and passed on verbatim.
+    """
+    path = rest.split(b"?", 1)[0]
+    for segment in path.split(b"/"):
+        decoded = segment
+        for _ in range(4):
+            more = unquote_to_bytes(decoded)
+            if more == decoded:
+                break
+            decoded = more
+        for part in re.split(rb"[/\\]", decoded):
+            if part in (b".", b".."):
+                raise BadTarget("path contains a '.' or '..' segment (also when percent-encoded)")
+        if b"\x00" in decoded:
+            raise BadTarget("path contains a NUL byte")
+
+
+def route(target: bytes, host: bytes | None, cluster_domain: str) -> Route:
+    """
+    Route one request.  Raises L{BadTarget} for targets that must not be
+    forwarded at all.
+    """
+    origin, path = split_target(target)
+    if origin is not None:
+        host = origin.split(b"://", 1)[1]
+    by_host = host_connector(host, cluster_domain) if host else None
+    if by_host is not None:
+        check_rest(path)
+        return Route(by_host[0], by_host[1], path)
+    if origin is not None:
+        check_rest(path)
+        return Route(None, None, path, origin=origin)
+    oci = _OCI_PATH_ROUTE.match(path)
+    if oci is not None:
+        rest = b"/v2" + (oci.group(3) or b"/")
+        check_rest(rest)
+        prefix = path[: len(path) - len(rest) + len(b"/v2")]
+        return Route(oci.group(1).decode(), oci.group(2).decode(), rest,
+                     client_prefix=prefix, oci_path=True)
+    by_path = _PATH_ROUTE.match(path)
+    if by_path is not None:
+        rest = by_path.group(3) or b""
+        check_rest(rest)
+        return Route(by_path.group(1).decode(), by_path.group(2).decode(), rest,
+                     client_prefix=path[: len(path) - len(rest)])
+    check_rest(path)
+    return Route(None, None, path)

@@ -1,0 +1,378 @@
+# -*- test-case-name: tests.test_streaming -*-
+"""
+The client side of the wire: an HTTP/1.1 server channel and request that
+stream request bodies instead of spooling them.
+
+L{twisted.web.server.Request} reads the whole body before C{render} runs.
+A proxy cannot afford that (a 1 GiB layer push), and must refuse an
+unauthenticated request before reading its body.  So L{ProxyRequest} is
+dispatched as soon as its headers are complete: the channel's reading is
+paused, the request is authenticated and routed, and only when the upstream
+asks for the body (L{RequestBody.startProducing}) does reading resume (and
+C{100 Continue} go out).  From then on the upstream connection paces the
+client: when its send buffer fills, reading from the client pauses.
+
+The channel also hardens the parser: headers over the limit get 431, a TLS
+ClientHello on a plain listener is closed at once, a request that is
+refused before its body was read closes the connection after a short
+bounded drain (so the client sees the answer rather than a reset).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, server
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+# How long, and how much, a refused request's unread body is drained before
+# the connection is cut.  Bounded: the proxy never swallows a large
+# unauthenticated body.
+DRAIN_SECONDS = 2.0
+DRAIN_BYTES = 1 << 20
+
+# A request's headers must be complete this long after its first byte
+# arrived, however slowly they trickle in (slowloris).
+HEADER_SECONDS = 30.0
+
+_TLS_HANDSHAKE = b"\x16\x03"
+
+
+class BodyCancelled(Exception):
+    """The upstream stopped reading the request body (its connection failed)."""
+
+
+@implementer(IBodyProducer)
+class RequestBody:
+    """
+    The client's request body, as an L{IBodyProducer} for
+    L{twisted.web.client.Agent}.  Bytes go to the upstream as they arrive;
+    reading from the client is paused whenever the upstream is.
+    """
+
+    def __init__(self, request: ProxyRequest, length: int | None) -> None:
+        self.length: Any = UNKNOWN_LENGTH if length is None else length
+        self._request = request
+        self._consumer: IConsumer | None = None
+        self._buffer: list[bytes] = []
+        self._paused = True
+        self._complete = False
+        self._stopped = False
+        self._done: Deferred[None] | None = None
+        self.received = 0
+
+    # Called by the channel, as the client's bytes arrive.
+
+    def data_received(self, data: bytes) -> None:
+        if self._stopped:
+            return
+        self.received += len(data)
+        if self._consumer is not None and not self._paused and not self._buffer:
+            self._consumer.write(data)
+        else:
+            # Bytes that were already read when the pause took effect, or
+            # that arrived because the channel resumed its transport for its
+            # own reasons: keep them (at most one read's worth) and pause again.
+            self._buffer.append(data)
+            self._request.pause_reading()
+
+    def all_received(self) -> None:
+        self._complete = True
+        if self._consumer is not None and not self._buffer:
+            self._finish()
+
+    # IBodyProducer, called by the upstream connection.
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        self._consumer = consumer
+        self._done = Deferred()
+        self._request.body_wanted()
+        self.resumeProducing()
+        return self._done
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._request.pause_reading()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        while self._buffer and not self._paused and self._consumer is not None:
+            self._consumer.write(self._buffer.pop(0))
+        if self._paused:
+            return
+        if self._complete:
+            self._finish()
+        else:
+            self._request.resume_reading()
+
+    def stopProducing(self) -> None:
+        self._stopped = True
+        self._buffer = []
+        if self._done is not None and not self._done.called:
+            self._done.errback(Failure(BodyCancelled()))
+
+    def _finish(self) -> None:
+        if self._done is not None and not self._done.called:
+            self._done.callback(None)
+
+    @property
+    def complete(self) -> bool:
+        return self._complete
+
+
+class ProxyRequest(server.Request):
+    """
+    A request dispatched when its headers are complete, with its body
+    available as L{body} (an L{IBodyProducer}) instead of C{content}.
+    """
+
+    body: RequestBody | None = None
+    # The routed, authorized L{connectors_proxy.relay.Target}, set by the
+    # root resource before a protocol resource renders the request.
+    target: Any = None
+    _early = False
+    _expect_continue = False
+    _continue_sent = False
+
+    # Channel-facing hooks.
+
+    def gotLength(self, length: int | None) -> None:
+        # Keep an empty content file so code that looks at it sees no body;
+        # the bytes go to self.body instead.
+        self.content = _EMPTY
+        if length != 0:
+            self.body = RequestBody(self, length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.body is not None and not self.finished:
+            self.body.data_received(data)
+
+    def begin(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Dispatch at end of headers (requests with a body)."""
+        self._early = True
+        self.pause_reading()
+        self._set_line(command, path, version)
+        self.process()
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._early:
+            if self.body is not None:
+                self.body.all_received()
+            return
+        if self.body is not None:
+            self.body.all_received()
+        self._set_line(command, path, version)
+        self.process()
+
+    def _set_line(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.method, self.uri, self.clientproto = command, path, version
+        self.path, _, query = path.partition(b"?")
+        # Query arguments are not parsed: they go upstream verbatim.
+        self.args = {}
+
+    # Body flow control.
+
+    def pause_reading(self) -> None:
+        channel = self.channel
+        if channel is not None and channel.transport is not None:
+            channel.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        channel = self.channel
+        if channel is not None and channel.transport is not None and not self.finished:
+            channel.transport.resumeProducing()
+
+    def body_wanted(self) -> None:
+        if self._expect_continue and not self._continue_sent and not self.startedWriting:
+            self._continue_sent = True
+            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    @property
+    def body_pending(self) -> bool:
+        """Whether some of the body has not been read from the client."""
+        return self.body is not None and not self.body.complete
+
+    def finish(self) -> None:
+        if self.body_pending and self.channel is not None:
+            # The framing of the rest of this connection is unknown (we did
+            # not read the body): answer, then close.
+            self.channel.persistent = False
+            self.setHeader(b"Connection", b"close")
+            self.channel.refused_mid_body()
+        super().finish()
+
+    def processingFailed(self, reason: Failure) -> None:  # type: ignore[override]
+        # Never a traceback to the client: log it, answer 500 with a line.
+        self._log.failure("Unhandled error while serving {uri}", failure=reason, uri=self.uri)
+        if not self.startedWriting:
+            body = b"connectors-proxy: internal error (see the proxy's log)\n"
+            self.setResponseCode(500)
+            self.responseHeaders.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+            self.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
+            self.write(body)
+        if not self.finished:
+            self.finish()
+        return reason  # type: ignore[return-value]
+
+
+class _EmptyContent:
+    """A read-only empty body file shared by all requests."""
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def tell(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+_EMPTY = _EmptyContent()
+
+
+class ProxyChannel(http.HTTPChannel):
+    """L{HTTPChannel} with early dispatch and a stricter, politer parser."""
+
+    _log = Logger()
+    _seen_bytes = False
+    _draining: int | None = None
+    _refused = False
+    _header_deadline: IDelayedCall | None = None
+
+    @property
+    def _clock(self) -> IReactorTime:
+        return self.site.reactor  # type: ignore[no-any-return]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._draining is not None:
+            self._draining -= len(data)
+            if self._draining <= 0:
+                self.transport.abortConnection()
+            return
+        if not self._seen_bytes:
+            self._seen_bytes = True
+            if data.startswith(_TLS_HANDSHAKE):
+                # A TLS client on a plain listener: it would wait forever for
+                # a ServerHello.  A fatal TLS alert (protocol_version) makes
+                # it give up at once with a clear error.
+                self.transport.write(b"\x15\x03\x01\x00\x02\x02\x46")
+                self.transport.loseConnection()
+                return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(431, b"Request Header Fields Too Large")
+            return
+        if self._header_deadline is None:
+            self._header_deadline = self._clock.callLater(HEADER_SECONDS, self._headers_too_slow)
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # The first line of a request over the limit is a URI too long;
+        # any other, a header too large.
+        if self._receivedHeaderSize == 0:
+            self._refuse(414, b"URI Too Long")
+        else:
+            self._refuse(431, b"Request Header Fields Too Large")
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        self._refuse(408, b"Request Timeout")
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_deadline is not None and self._header_deadline.active():
+            self._header_deadline.cancel()
+        self._header_deadline = None
+
+    def _refuse(self, code: int, phrase: bytes) -> None:
+        self._refused = True
+        self._cancel_header_deadline()
+        body = b"connectors-proxy: " + phrase + b"\n"
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (code, phrase, len(body), body)
+        )
+        self.loseConnection()
+        # Stop parsing whatever else is buffered.
+        self.dataReceived = lambda data: None  # type: ignore[method-assign]
+        self.lineReceived = lambda line: None  # type: ignore[method-assign]
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        self._refuse(400, b"Bad Request")
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_deadline()
+        req = self.requests[-1]
+        self.persistent = self.checkPersistence(req, self._version)
+        req.gotLength(self.length)
+        expect = req.requestHeaders.getRawHeaders(b"Expect")
+        if expect:
+            if expect[0].lower() != b"100-continue" or self._version != b"HTTP/1.1":
+                self._refuse(417, b"Expectation Failed")
+                return
+            req._expect_continue = True
+        if self.length != 0 and not self._refused:
+            req.begin(self._command, self._path, self._version)
+
+    def allContentReceived(self) -> None:
+        if not self.requests or self._draining is not None or self._refused:
+            # The request was answered before its body was read, and the
+            # connection is closing: the rest is not ours to parse.
+            return
+        super().allContentReceived()
+
+    def refused_mid_body(self) -> None:
+        """
+        A response is ending before the request body was read: after the
+        answer is written, read and discard a bounded amount for a short time
+        so the client sees the answer instead of a connection reset.
+        """
+        if self._draining is not None or self.transport is None:
+            return
+        self._draining = DRAIN_BYTES
+        transport = self.transport
+        transport.resumeProducing()
+        self._clock.callLater(DRAIN_SECONDS, transport.abortConnection)
+
+    def requestDone(self, request: http.Request) -> None:
+        if self._draining is not None:
+            del self.requests[0]
+            # Half-close: the response is out; keep reading (and discarding)
+            # until the client closes or the drain bound is hit.
+            self.transport.loseWriteConnection()
+            return
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancel_header_deadline()
+        super().connectionLost(reason)
+
+
+class ProxySite(server.Site):
+    """A L{Site} whose channels and requests stream, and that logs nothing itself."""
+
+    protocol = ProxyChannel  # type: ignore[assignment]
+    requestFactory = ProxyRequest  # type: ignore[assignment]
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, resource: Any, reactor: IReactorTime, timeout: float = 60.0) -> None:
+        super().__init__(resource, timeout=timeout, reactor=reactor)
+
+    def log(self, request: http.Request) -> None:
+        # The router writes the access log, with identity and Connector.
+        pass
+
+
+def empty_body() -> Deferred[None]:
+    return succeed(None)

@@ -1,0 +1,194 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The twistd wiring: command-line options (SPEC section 3) and the service
+tree they describe.
+
+Option errors, unreadable files and invalid manifests are reported as one
+line on stderr with a non-zero exit, before anything listens.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application.service import IServiceCollection, MultiService
+from twisted.application.strports import service as strport_service
+from twisted.logger import ILogObserver, Logger
+from twisted.python import usage
+from twisted.web.resource import IResource
+
+from . import logformat
+from .admin import admin_resource
+from .interfaces import IIdentityVerifier
+from .manifests import ManifestError, ManifestSource
+from .protocols.rest import RestResource
+from .relay import Agents
+from .resource import ConnectorsResource
+from .state import Store
+from .streaming import ProxySite
+from .tls import upstream_policy
+
+log = Logger()
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "examples")
+EXAMPLE_MANIFESTS = os.path.join(EXAMPLES, "manifests")
+EXAMPLE_TOKENS = os.path.join(EXAMPLES, "tokens.csv")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "connectors-proxy: secretless access to Git servers, OCI registries and REST APIs. "
+        "With no --manifests, --kubeconfig or --in-cluster it runs in standalone mode on the "
+        "bundled example manifests."
+    )
+    optFlags = [
+        ["in-cluster", None, "Cluster mode, configured from the Pod's ServiceAccount."],
+        ["leader-elect", None, "Cluster mode: only the Lease holder writes Services and status."],
+    ]
+    optParameters = [
+        ["admin", None, "tcp:9090", "Endpoint of the health and metrics listener."],
+        ["tokens", None, None, "Standalone client tokens: CSV lines token,user,uid,\"group1,group2\"."],
+        ["kubeconfig", None, None, "Cluster mode, configured from this kubeconfig file."],
+        ["cluster-domain", None, "cluster.local", "The cluster's DNS domain."],
+        ["log-format", None, "text", "text or json."],
+        ["log-level", None, "info", "debug, info, warn or error."],
+        ["review-cache-seconds", None, "10", "Cluster mode: how long token and access reviews are cached."],
+        ["token-audience", None, None, "Cluster mode: audiences TokenReview checks (comma-separated)."],
+        ["lease-namespace", None, None, "Cluster mode: namespace of the leader-election Lease."],
+        ["idle-timeout", None, "60", "Seconds an idle client connection is kept."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["manifests"] = []
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Endpoint to serve the proxy on (repeatable; default tcp:8080)."""
+        self["listen"].append(endpoint)
+
+    def opt_manifests(self, path: str) -> None:
+        """YAML file or folder of ConnectorClass/Connector/Secret objects (repeatable): standalone mode."""
+        self["manifests"].append(path)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            fail(f"{e} (see --help)")
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = ["tcp:8080"]
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
+        if self["log-level"] not in logformat.LEVELS:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(logformat.LEVELS)}")
+        for name in ("review-cache-seconds", "idle-timeout"):
+            try:
+                self[name] = float(self[name])
+            except ValueError:
+                raise usage.UsageError(f"--{name} must be a number of seconds") from None
+        cluster = bool(self["kubeconfig"] or self["in-cluster"])
+        if cluster and self["manifests"]:
+            raise usage.UsageError("--manifests (standalone) and --kubeconfig/--in-cluster (cluster) exclude each other")
+        if cluster and self["tokens"]:
+            raise usage.UsageError("--tokens is for standalone mode; cluster mode uses TokenReview")
+        if self["leader-elect"] and not cluster:
+            raise usage.UsageError("--leader-elect needs cluster mode (--kubeconfig or --in-cluster)")
+        self["mode"] = "cluster" if cluster else "standalone"
+        self["examples"] = not cluster and not self["manifests"]
+        if self["examples"]:
+            self["manifests"] = [EXAMPLE_MANIFESTS]
+            if not self["tokens"]:
+                self["tokens"] = EXAMPLE_TOKENS
+        if not cluster:
+            if self["tokens"] is None:
+                raise usage.UsageError("standalone mode needs --tokens FILE (the clients' tokens)")
+            # Load now, so that a broken manifest stops the daemon with one line.
+            source = ManifestSource(reactor=None, paths=self["manifests"], store=Store(),  # type: ignore[arg-type]
+                                    tokens_path=self["tokens"])
+            try:
+                source.load_now()
+            except ManifestError as e:
+                fail(str(e))
+            self["source"] = source
+
+
+def fail(message: str) -> None:
+    """One line on stderr and a non-zero exit: never a traceback."""
+    sys.stderr.write(f"connectors-proxy: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+class ProxyService(MultiService):
+    """
+    The daemon's service tree.  When twistd parents it to its application,
+    it installs the log observer for C{--log-format}.
+    """
+
+    def __init__(self, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: IServiceCollection) -> None:  # type: ignore[override]
+        if self.observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
+def protocol_resources(reactor: Any) -> dict[str, IResource]:
+    """The resource that serves each ConnectorClass protocol."""
+    return {
+        "http": RestResource(),
+    }
+
+
+def proxy_site(store: Store, verifier: IIdentityVerifier, reactor: Any, cluster_domain: str = "cluster.local",
+               idle_timeout: float = 60.0) -> tuple[ProxySite, ConnectorsResource, Agents]:
+    """The proxy's site, as the daemon and the integration tests build it."""
+    agents = Agents(reactor, upstream_policy)
+    root = ConnectorsResource(store=store, verifier=verifier, agents=agents,
+                              protocols=protocol_resources(reactor), cluster_domain=cluster_domain)
+    return ProxySite(root, reactor, timeout=idle_timeout), root, agents
+
+
+def make_service(options: Options, reactor: Any = None) -> ProxyService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+        reactor = _reactor
+    top = ProxyService(logformat.observer(options["log-format"], options["log-level"]))
+    store: Store
+    if options["mode"] == "standalone":
+        source: ManifestSource = options["source"]
+        source.reactor = reactor
+        source.setServiceParent(top)
+        store, verifier = source.store, source.tokens
+        if options["examples"]:
+            log.warn("no --manifests given: serving the bundled examples from {path}", path=EXAMPLE_MANIFESTS)
+    else:
+        from .kube.cluster import cluster_service
+        cluster = cluster_service(options, reactor)
+        cluster.setServiceParent(top)
+        store, verifier = cluster.store, cluster.verifier
+
+    site, root, agents = proxy_site(store, verifier, reactor, options["cluster-domain"], options["idle-timeout"])
+    for endpoint in options["listen"]:
+        strport_service(endpoint, site, reactor=reactor).setServiceParent(top)
+
+    def ready() -> str | None:
+        return None if store.ready else "not ready: objects not loaded yet, or the source is stale"
+
+    admin = ProxySite(admin_resource(ready), reactor)
+    strport_service(options["admin"], admin, reactor=reactor).setServiceParent(top)
+    reactor.addSystemEventTrigger("before", "shutdown", agents.close)
+    return top
+
+
+def makeService(options: Options) -> ProxyService:
+    return make_service(options)

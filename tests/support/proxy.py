@@ -1,0 +1,213 @@
+"""
+Starting connectors-proxy in tests.
+
+L{start_proxy} runs it in the test's own reactor (fast, and the test can
+change its objects and tokens directly); L{start_proxy_process} runs the real
+C{twistd -n connectors-proxy} command (for the command line, logs as an
+operator sees them, and memory).  Both collect everything the proxy logs so a
+test can assert that no canary secret ever shows up there.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import yaml
+from attrs import define, field
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from connectors_proxy.identity import StaticTokens, parse_token_file
+from connectors_proxy.logformat import json_line, text_line
+from connectors_proxy.manifests import parse_documents
+from connectors_proxy.state import Snapshot, Store
+from connectors_proxy.tap import proxy_site
+
+from .procs import Server, free_port, start_server
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+def sa(namespace: str, name: str = "builder") -> str:
+    """The user name of a ServiceAccount."""
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+def token_file_text(tokens: Mapping[str, str]) -> str:
+    """A static token file for C{{token: username}}."""
+    return "".join(f'{token},{user},uid-{i},"system:serviceaccounts"\n'
+                   for i, (token, user) in enumerate(tokens.items()))
+
+
+def manifests_text(objects: Iterable[Mapping[str, Any]]) -> str:
+    return yaml.safe_dump_all(list(objects), sort_keys=False)
+
+
+def connector_class(name: str, protocol: str = "http", optional: bool = False) -> dict[str, Any]:
+    return {
+        "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "ConnectorClass",
+        "metadata": {"name": name, "annotations": {"proxy.connectors.alauda.io/protocol": protocol}},
+        "spec": {"auth": {"types": [
+            {"name": "basicAuth", "secretType": "kubernetes.io/basic-auth", "optional": optional},
+            {"name": "bearerTokenAuth", "secretType": "connectors.cpaas.io/bearer-token", "optional": optional},
+        ]}},
+    }
+
+
+def connector(namespace: str, name: str, class_name: str, address: str,
+              secret: str | None = None, auth: str = "basicAuth", **spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"connectorClassName": class_name, "address": address, **spec}
+    if secret is not None:
+        body["auth"] = {"name": auth, "secretRef": {"name": secret}}
+    return {"apiVersion": "connectors.alauda.io/v1alpha1", "kind": "Connector",
+            "metadata": {"name": name, "namespace": namespace}, "spec": body}
+
+
+def secret(namespace: str, name: str, type: str, **data: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": namespace},
+            "type": type, "stringData": dict(data)}
+
+
+def basic_secret(namespace: str, name: str, username: str, password: str) -> dict[str, Any]:
+    return secret(namespace, name, "kubernetes.io/basic-auth", username=username, password=password)
+
+
+def bearer_secret(namespace: str, name: str, token: str) -> dict[str, Any]:
+    return secret(namespace, name, "connectors.cpaas.io/bearer-token", token=token)
+
+
+@define
+class LogCapture:
+    """Every log event while a test runs, as the text and JSON formats print them."""
+
+    events: list[dict[str, Any]] = field(factory=list)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def text(self) -> str:
+        return "\n".join(text_line(e) + "\n" + json_line(e) for e in self.events)
+
+    def access(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("access")]
+
+
+def capture_logs(test: TestCase) -> LogCapture:
+    capture = LogCapture()
+    globalLogPublisher.addObserver(capture)
+    test.addCleanup(globalLogPublisher.removeObserver, capture)
+    return capture
+
+
+@define
+class RunningProxy:
+    port: int
+    store: Store
+    tokens: StaticTokens
+    logs: LogCapture
+    root: Any
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def path_url(self, namespace: str, name: str, rest: str = "/") -> str:
+        return f"{self.url}/namespaces/{namespace}/connectors/{name}{rest}"
+
+    def set_objects(self, objects: Iterable[Mapping[str, Any]]) -> None:
+        """Replace what the proxy knows, as a manifest reload would."""
+        self.store.replace(Snapshot.of(parse_documents(manifests_text(objects), "<test>")))
+
+    def set_tokens(self, tokens: Mapping[str, str]) -> None:
+        self.tokens.table = parse_token_file(token_file_text(tokens))
+
+
+def start_proxy(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Mapping[str, str],
+                cluster_domain: str = "cluster.local") -> Deferred[RunningProxy]:
+    """
+    Serve a proxy on a loopback port in this reactor, with C{objects}
+    (manifest dicts) and C{tokens} (C{{token: username}}).  Stopped at cleanup.
+    """
+    store = Store()
+    verifier = StaticTokens({})
+    logs = capture_logs(test)
+    site, root, agents = proxy_site(store, verifier, reactor, cluster_domain)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    running = RunningProxy(port.getHost().port, store, verifier, logs, root)
+    running.set_objects(objects)
+    running.set_tokens(tokens)
+
+    async def stop() -> None:
+        await port.stopListening()
+        await agents.close()
+
+    test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
+
+    async def ready() -> RunningProxy:
+        return running
+
+    return Deferred.fromCoroutine(ready())
+
+
+@define
+class ProxyProcess:
+    server: Server
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.server.log()
+
+
+async def _start_process(test: TestCase, args: Sequence[str], env: Mapping[str, str] | None) -> ProxyProcess:
+    port, admin = free_port(), free_port()
+    argv = [
+        sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
+        "-n", "--pidfile=", "connectors-proxy",
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin", f"tcp:{admin}:interface=127.0.0.1", *args,
+    ]
+    environment = {"PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    server = await start_server(test, argv, port=port, env=environment, name="connectors-proxy")
+    return ProxyProcess(server, port, admin)
+
+
+def start_proxy_process(test: TestCase, args: Sequence[str],
+                        env: Mapping[str, str] | None = None) -> Deferred[ProxyProcess]:
+    """
+    Run C{twistd -n connectors-proxy ARGS} (listening on free loopback
+    ports) as a separate process; stopped at cleanup.
+    """
+    return Deferred.fromCoroutine(_start_process(test, args, env))
+
+
+def write_setup(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Mapping[str, str]) -> list[str]:
+    """Write manifests and a token file for a proxy process; the arguments to pass it."""
+    folder = test.mktemp()
+    os.makedirs(folder)
+    manifests = os.path.join(folder, "objects.yaml")
+    with open(manifests, "w") as f:
+        f.write(manifests_text(objects))
+    token_path = os.path.join(folder, "tokens.csv")
+    with open(token_path, "w") as f:
+        f.write(token_file_text(tokens))
+    return ["--manifests", manifests, "--tokens", token_path]
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
