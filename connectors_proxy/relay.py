@@ -241,9 +241,13 @@ async def stream_response(request: ProxyRequest, response: IResponse, headers: H
     request.setResponseCode(code or response.code, response.phrase)
     for name, values in headers.getAllRawHeaders():
         request.responseHeaders.setRawHeaders(name, list(values))
-    length = response.length
-    if isinstance(length, int):
-        request.responseHeaders.setRawHeaders(b"Content-Length", [str(length).encode()])
+    if request.method == b"HEAD" or response.code == 304:
+        # No body follows, but the client wants the size of the one it would get.
+        length_header = response.headers.getRawHeaders(b"content-length")
+        if length_header:
+            request.responseHeaders.setRawHeaders(b"Content-Length", length_header[:1])
+    elif isinstance(response.length, int):
+        request.responseHeaders.setRawHeaders(b"Content-Length", [str(response.length).encode()])
     done: Deferred[int] = Deferred()
     relay = _ResponseRelay(request, done)
     response.deliverBody(relay)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import define, field
+from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,22 +57,24 @@ def _origin(url: str) -> tuple[str, str, int]:
     return parts.scheme, (parts.hostname or "").lower(), parts.port or default
 
 
-def forward_connector(route_: Route, listed: tuple[ObjectRef, ...], snapshot: Snapshot) -> ObjectRef | None:
+def forward_connector(route_: Route, listed: tuple[ObjectRef, ...],
+                      snapshot: Snapshot) -> tuple[ObjectRef, Route] | None:
     """
     For a forward-proxy request (absolute-form target whose host is not a
     Connector host), the listed Connector whose address serves that origin
-    and whose path prefix covers the path.
+    and whose path prefix covers the path, and the route re-expressed
+    relative to that address.
     """
     assert route_.origin is not None
     wanted = _origin(route_.origin.decode("latin-1"))
-    path = route_.rest.split(b"?", 1)[0].decode("latin-1")
+    path = route_.rest.split(b"?", 1)[0]
     for ref in listed:
         connector = snapshot.connectors.get(ref)
         if connector is None or _origin(connector.address) != wanted:
             continue
-        prefix = urlsplit(connector.address).path.rstrip("/")
-        if not prefix or path == prefix or path.startswith(prefix + "/"):
-            return ref
+        prefix = urlsplit(connector.address).path.rstrip("/").encode("utf-8")
+        if not prefix or path == prefix or path.startswith(prefix + b"/"):
+            return ref, evolve(route_, rest=route_.rest[len(prefix):], client_prefix=prefix)
     return None
 
 
@@ -152,7 +154,7 @@ class ConnectorsResource(Resource):
                     f"{r.origin.decode('latin-1')} is not the address of a Connector you listed; "
                     "this proxy only forwards to Connectors"
                 )
-            ref = found
+            ref, r = found
         elif is_oci_ping(r.rest):
             return None
         else:

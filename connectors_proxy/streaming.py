@@ -247,6 +247,7 @@ class ProxyChannel(http.HTTPChannel):
     _draining: int | None = None
     _refused = False
     _header_deadline: IDelayedCall | None = None
+    _drain_deadline: IDelayedCall | None = None
 
     @property
     def _clock(self) -> IReactorTime:
@@ -342,7 +343,7 @@ class ProxyChannel(http.HTTPChannel):
         self._draining = DRAIN_BYTES
         transport = self.transport
         transport.resumeProducing()
-        self._clock.callLater(DRAIN_SECONDS, transport.abortConnection)
+        self._drain_deadline = self._clock.callLater(DRAIN_SECONDS, transport.abortConnection)
 
     def requestDone(self, request: http.Request) -> None:
         if self._draining is not None:
@@ -355,6 +356,8 @@ class ProxyChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_header_deadline()
+        if self._drain_deadline is not None and self._drain_deadline.active():
+            self._drain_deadline.cancel()
         super().connectionLost(reason)
 
 

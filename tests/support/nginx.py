@@ -1,0 +1,171 @@
+"""
+A real nginx REST upstream for tests, on a free loopback port:
+
+- C{/basic/...}: files, behind HTTP Basic authentication (canary credentials);
+  WebDAV C{PUT} stores uploads so a test can compare what arrived;
+- C{/bearer/...}: the same files, behind a Bearer token (canary);
+- C{/open/...}: the same files, anonymous;
+- C{/basic/redirect-abs}, C{/basic/redirect-rel}: redirects back into C{/basic/};
+- an access log of every request with the C{Authorization} header it carried,
+  so a test can prove what the upstream saw (or that it saw nothing).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from collections.abc import Mapping
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import TestCase
+
+from .procs import Server, free_port, require, start_server
+
+_LOG_FIELDS = ("request_method", "request_uri", "status", "http_authorization", "http_x_forwarded_for",
+               "http_x_forwarded_proto", "http_x_forwarded_host", "http_host", "request_length", "http_cookie")
+
+_CONF = """\
+user root;
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 512; }}
+http {{
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    log_format tsv '{log_format}';
+    access_log {tmp}/access.log tsv;
+    client_max_body_size 0;
+    keepalive_requests 100000;
+    types {{ application/octet-stream bin; text/plain txt; application/json json; }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location /basic/ {{
+            auth_basic "fixture";
+            auth_basic_user_file {tmp}/htpasswd;
+            dav_methods PUT DELETE;
+            create_full_put_path on;
+            location = /basic/redirect-abs {{ return 302 http://127.0.0.1:{port}/basic/small.txt; }}
+            location = /basic/redirect-rel {{ absolute_redirect off; return 302 /basic/small.txt; }}
+            location = /basic/echo {{
+                default_type text/plain;
+                return 200 "method=$request_method uri=$request_uri";
+            }}
+        }}
+        location /bearer/ {{
+            if ($http_authorization != "Bearer {bearer}") {{ return 401; }}
+            location = /bearer/echo {{
+                if ($http_authorization != "Bearer {bearer}") {{ return 401; }}
+                default_type text/plain;
+                return 200 "ok bearer";
+            }}
+        }}
+        location /open/ {{
+            dav_methods PUT;
+            create_full_put_path on;
+            location = /open/cookie {{
+                add_header Set-Cookie "a=1";
+                add_header Set-Cookie "b=2";
+                add_header X-Multi one;
+                add_header X-Multi two;
+                default_type text/plain;
+                return 200 "cookies";
+            }}
+        }}
+    }}
+}}
+"""
+
+
+@frozen
+class AccessEntry:
+    method: str
+    uri: str
+    status: int
+    authorization: str
+    forwarded_for: str
+    forwarded_proto: str
+    forwarded_host: str
+    host: str
+    request_length: int
+    cookie: str
+
+
+@frozen
+class Nginx:
+    server: Server
+    port: int
+    root: str
+    tmp: str
+    username: str
+    password: str
+    bearer: str
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def basic_header(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+    def requests(self) -> list[AccessEntry]:
+        path = os.path.join(self.tmp, "access.log")
+        if not os.path.exists(path):
+            return []
+        entries = []
+        with open(path) as f:
+            for line in f:
+                fields = line.rstrip("\n").split("\t")
+                fields = ["" if v == "-" else v for v in fields]
+                entries.append(AccessEntry(fields[0], fields[1], int(fields[2]), fields[3], fields[4],
+                                           fields[5], fields[6], fields[7], int(fields[8] or 0), fields[9]))
+        return entries
+
+    def write_file(self, relative: str, data: bytes) -> str:
+        path = os.path.join(self.root, relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+
+def _crypt_apr1(password: str) -> str:
+    import subprocess
+    out = subprocess.run([require("htpasswd"), "-nbm", "u", password], check=True, capture_output=True)
+    return out.stdout.decode().strip().split(":", 1)[1]
+
+
+async def _start(test: TestCase, files: Mapping[str, bytes]) -> Nginx:
+    tmp = os.path.abspath(test.mktemp())
+    root = os.path.join(tmp, "www")
+    for sub in ("basic", "bearer", "open"):
+        os.makedirs(os.path.join(root, sub))
+    port = free_port()
+    username, password, bearer = "user-" + secrets.token_hex(4), secrets.token_hex(16), secrets.token_hex(20)
+    os.makedirs(tmp, exist_ok=True)
+    with open(os.path.join(tmp, "htpasswd"), "w") as f:
+        f.write(f"{username}:{_crypt_apr1(password)}\n")
+    with open(os.path.join(tmp, "nginx.conf"), "w") as f:
+        f.write(_CONF.format(tmp=tmp, root=root, port=port, bearer=bearer,
+                             log_format="\\t".join("$" + name for name in _LOG_FIELDS)))
+    nginx = Nginx(None, port, root, tmp, username, password, bearer)  # type: ignore[arg-type]
+    for sub in ("basic", "bearer", "open"):
+        nginx.write_file(f"{sub}/small.txt", b"hello from " + sub.encode() + b"\n")
+        for name, data in files.items():
+            nginx.write_file(f"{sub}/{name}", data)
+    server = await start_server(test, [require("nginx"), "-c", os.path.join(tmp, "nginx.conf"), "-p", tmp],
+                                port=port, name="nginx")
+    return Nginx(server, port, root, tmp, username, password, bearer)
+
+
+def start_nginx(test: TestCase, files: Mapping[str, bytes] | None = None) -> Deferred[Nginx]:
+    """Start the REST upstream with C{files} under each of C{/basic/}, C{/bearer/}, C{/open/}."""
+    return Deferred.fromCoroutine(_start(test, files or {}))
