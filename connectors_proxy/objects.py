@@ -29,6 +29,7 @@ SECRET_BEARER = "connectors.cpaas.io/bearer-token"
 SECRET_REGISTRY = "cpaas.io/distribution-registry-token"
 SECRET_DOCKERCONFIG = "kubernetes.io/dockerconfigjson"
 SECRET_TLS = "kubernetes.io/tls"
+NAMESPACED_KINDS = ("Connector", "Secret")
 
 
 class InvalidObject(ValueError):
@@ -135,8 +136,8 @@ def describe(doc: Mapping[str, Any]) -> str:
     meta = doc.get("metadata") if isinstance(doc, Mapping) else None
     meta = meta if isinstance(meta, Mapping) else {}
     name = meta.get("name") or "<unnamed>"
-    ns = meta.get("namespace")
-    return f"{kind or '<no kind>'} {ns + '/' if ns else ''}{name}"
+    ns = meta.get("namespace") or ("default" if kind in NAMESPACED_KINDS else None)
+    return f"{kind or '<no kind>'} {ns + '/' if isinstance(ns, str) else ''}{name}"
 
 
 def _get(doc: Mapping[str, Any], path: str, what: str, kind: type | tuple[type, ...],

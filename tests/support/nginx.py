@@ -129,6 +129,11 @@ class Nginx:
                                            fields[5], fields[6], fields[7], int(fields[8] or 0), fields[9]))
         return entries
 
+    def set_password(self, password: str) -> None:
+        """Change the upstream's Basic password (nginx reads the file per request)."""
+        with open(os.path.join(self.tmp, "htpasswd"), "w") as f:
+            f.write(f"{self.username}:{_crypt_apr1(password)}\n")
+
     def write_file(self, relative: str, data: bytes) -> str:
         path = os.path.join(self.root, relative)
         os.makedirs(os.path.dirname(path), exist_ok=True)
