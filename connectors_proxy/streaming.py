@@ -197,12 +197,22 @@ class ProxyRequest(server.Request):
         """Whether some of the body has not been read from the client."""
         return self.body is not None and not self.body.complete
 
+    def _close_if_body_pending(self) -> None:
+        if self.body_pending and self.channel is not None and self.channel.persistent:
+            # An answer while the body is unread: the framing of the rest of
+            # this connection is unknown, so it closes after the answer.
+            self.channel.persistent = False
+            if not self.startedWriting:
+                self.setHeader(b"Connection", b"close")
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            self._close_if_body_pending()
+        super().write(data)
+
     def finish(self) -> None:
         if self.body_pending and self.channel is not None:
-            # The framing of the rest of this connection is unknown (we did
-            # not read the body): answer, then close.
-            self.channel.persistent = False
-            self.setHeader(b"Connection", b"close")
+            self._close_if_body_pending()
             self.channel.refused_mid_body()
         super().finish()
 
@@ -349,15 +359,31 @@ class ProxyChannel(http.HTTPChannel):
         if self._draining is not None:
             del self.requests[0]
             # Half-close: the response is out; keep reading (and discarding)
-            # until the client closes or the drain bound is hit.
-            self.transport.loseWriteConnection()
+            # until the client closes or the drain bound is hit.  Transports
+            # that cannot half-close (TLS) close after the write is flushed.
+            half_close = getattr(self.transport, "loseWriteConnection", None)
+            if half_close is not None:
+                half_close()
+            else:
+                self.transport.loseConnection()
             return
         super().requestDone(request)
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # The site counts its connections (metrics) and closes them when
+        # the daemon drains; a plain Site (some tests) has no such hook.
+        opened = getattr(self.site, "channel_opened", None)  # type: ignore[attr-defined]
+        if opened is not None:
+            opened(self)
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_header_deadline()
         if self._drain_deadline is not None and self._drain_deadline.active():
             self._drain_deadline.cancel()
+        closed = getattr(self.site, "channel_closed", None)  # type: ignore[attr-defined]
+        if closed is not None:
+            closed(self)
         super().connectionLost(reason)
 
 
@@ -371,6 +397,17 @@ class ProxySite(server.Site):
 
     def __init__(self, resource: Any, reactor: IReactorTime, timeout: float = 60.0) -> None:
         super().__init__(resource, timeout=timeout, reactor=reactor)
+        # Open connections (read by the metrics at scrape time, closed by
+        # the drain at shutdown) and how many were ever accepted.
+        self.channels: set[ProxyChannel] = set()
+        self.opened = 0
+
+    def channel_opened(self, channel: ProxyChannel) -> None:
+        self.channels.add(channel)
+        self.opened += 1
+
+    def channel_closed(self, channel: ProxyChannel) -> None:
+        self.channels.discard(channel)
 
     def log(self, request: http.Request) -> None:
         # The router writes the access log, with identity and Connector.

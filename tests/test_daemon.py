@@ -166,7 +166,7 @@ class Operating(TestCase):
         seen = ""
         while time.monotonic() < deadline:
             yield run(curl)
-            seen = self.nginx.requests()[-1].authorization
+            seen = self.nginx.last_request().authorization
             if seen == expected:
                 break
         self.assertEqual(seen, expected, "the rotated Secret was not used within 2 seconds")
@@ -175,7 +175,7 @@ class Operating(TestCase):
             f.write("kind: [broken\n")
         yield deferLater(reactor, 1.5, lambda: None)
         self.assertEqual((yield run(curl)).stdout, b"200")  # last good state kept
-        self.assertEqual(self.nginx.requests()[-1].authorization, expected)
+        self.assertEqual(self.nginx.last_request().authorization, expected)
         log = proxy.log()
         self.assertIn("reload failed, keeping the last good state", log)
         self.assertIn("invalid YAML", log)

@@ -84,7 +84,7 @@ class RestThroughProxy(TestCase):
         result = check((yield self.curl(self.proxy.path_url("default", "basic", "/small.txt"), token=self.token)))
         self.assertIn(b"HTTP/1.1 200", result.stdout)
         self.assertTrue(result.stdout.endswith(b"hello from basic\n"))
-        [entry] = self.nginx.requests()
+        [entry] = self.nginx.requests(at_least=1)
         self.assertEqual(entry.uri, "/basic/small.txt")
         self.assertEqual(entry.authorization, self.nginx.basic_header)
         self.assertEqual(entry.forwarded_for, "127.0.0.1")
@@ -98,20 +98,20 @@ class RestThroughProxy(TestCase):
         result = check((yield run([*CURL, "-H", f"Authorization: Bearer {self.token}",
                                    self.proxy.path_url("default", "bearer", "/echo")])))
         self.assertEqual(result.stdout, b"ok bearer")
-        self.assertEqual(self.nginx.requests()[-1].authorization, f"Bearer {self.nginx.bearer}")
+        self.assertEqual(self.nginx.last_request().authorization, f"Bearer {self.nginx.bearer}")
 
     @inlineCallbacks
     def test_anonymous_upstream(self):  # type: ignore[no-untyped-def]
         result = check((yield self.curl(self.proxy.path_url("default", "open", "/small.txt"), token=self.token)))
         self.assertTrue(result.stdout.endswith(b"hello from open\n"))
-        self.assertEqual(self.nginx.requests()[-1].authorization, "")
+        self.assertEqual(self.nginx.last_request().authorization, "")
 
     @inlineCallbacks
     def test_host_mode(self):  # type: ignore[no-untyped-def]
         for host in ("c-basic.default.svc.cluster.local", "c-basic.default.svc", "C-BASIC.default:8080"):
             result = check((yield self.curl("-H", f"Host: {host}", self.proxy.url + "/small.txt", token=self.token)))
             self.assertTrue(result.stdout.endswith(b"hello from basic\n"), host)
-        self.assertEqual(self.nginx.requests()[-1].forwarded_host, "C-BASIC.default:8080")
+        self.assertEqual(self.nginx.last_request().forwarded_host, "C-BASIC.default:8080")
 
     @inlineCallbacks
     def test_forward_proxy_forms(self):  # type: ignore[no-untyped-def]
@@ -123,7 +123,7 @@ class RestThroughProxy(TestCase):
         result = check((yield run([*CURL, "-x", self.proxy.url, "-U", f"default/open,default/basic:{self.token}",
                                    self.nginx.url + "/basic/small.txt"])))
         self.assertEqual(result.stdout, b"hello from basic\n")
-        self.assertEqual(self.nginx.requests()[-1].authorization, self.nginx.basic_header)
+        self.assertEqual(self.nginx.last_request().authorization, self.nginx.basic_header)
 
     @inlineCallbacks
     def test_not_an_open_proxy(self):  # type: ignore[no-untyped-def]
@@ -229,8 +229,8 @@ class RestThroughProxy(TestCase):
             self.assertIn(b"'..' segment", result.stdout)
         # An encoded slash is passed on verbatim, not decoded.
         yield self.curl("--path-as-is", self.proxy.path_url("default", "basic", "/a%2Fb?x=%2F"), token=self.token)
-        self.assertEqual(self.nginx.requests()[-1].uri, "/basic/a%2Fb?x=%2F")
-        self.assertEqual(len(self.nginx.requests()), 1)
+        self.assertEqual(self.nginx.last_request().uri, "/basic/a%2Fb?x=%2F")
+        self.assertEqual(len(self.nginx.requests(at_least=1)), 1)
 
     @inlineCallbacks
     def test_rotated_secret_used_by_next_request(self):  # type: ignore[no-untyped-def]
@@ -244,7 +244,7 @@ class RestThroughProxy(TestCase):
         yield self.curl(url, token=self.token)
         import base64
         expected = "Basic " + base64.b64encode(f"{self.nginx.username}:{new_password}".encode()).decode()
-        self.assertEqual(self.nginx.requests()[-1].authorization, expected)
+        self.assertEqual(self.nginx.last_request().authorization, expected)
         self.assertNotIn(new_password, self.proxy.logs.text())
 
     @inlineCallbacks

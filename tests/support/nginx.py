@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import time
 from collections.abc import Mapping
 
 from attrs import frozen
@@ -116,7 +117,22 @@ class Nginx:
     def basic_header(self) -> str:
         return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
 
-    def requests(self) -> list[AccessEntry]:
+    def requests(self, at_least: int = 0) -> list[AccessEntry]:
+        """
+        What nginx logged.  nginx writes a line once the response is out, so
+        a client can finish before it: wait (briefly) for C{at_least} lines.
+        """
+        deadline = time.monotonic() + 3
+        while True:
+            entries = self._read_log()
+            if len(entries) >= at_least or time.monotonic() > deadline:
+                return entries
+            time.sleep(0.01)
+
+    def last_request(self) -> AccessEntry:
+        return self.requests(at_least=1)[-1]
+
+    def _read_log(self) -> list[AccessEntry]:
         path = os.path.join(self.tmp, "access.log")
         if not os.path.exists(path):
             return []

@@ -21,6 +21,7 @@ import yaml
 from attrs import define, field
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -151,7 +152,11 @@ def start_proxy(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Ma
 
     async def stop() -> None:
         await port.stopListening()
+        # Connections a client left open (or that are draining) end with the test.
+        for channel in list(site.channels):
+            channel.transport.abortConnection()
         await agents.close()
+        await deferLater(reactor, 0, lambda: None)
 
     test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
 
