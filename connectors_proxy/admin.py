@@ -8,7 +8,6 @@ source is stale, and while draining), C{/metrics} (Prometheus text).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 
@@ -149,6 +151,56 @@ def add_git_command(commands: argparse._SubParsersAction) -> None:  # type: igno
     git.set_defaults(render=_git_command)
 
 
+DOCKER_USERNAME = "connectors-proxy"
+
+
+def registry_host(url: str) -> str:
+    """C{host[:port]} of a proxy URL: what image references and config.json keys name."""
+    netloc = urlsplit(url if "://" in url else "//" + url).netloc
+    if not netloc or "@" in netloc:
+        raise ValueError(f"{url!r} is not a proxy URL (scheme://host[:port])")
+    return netloc.lower()
+
+
+def docker_config(registries: Sequence[str], token: str) -> str:
+    """
+    A docker C{config.json} (read by docker, podman, skopeo, buildah, crane)
+    that presents C{token} to each of C{registries}, as C{host[:port]}:
+    C{c-NAME.NS.svc.DOMAIN} for host mode (images named
+    C{c-NAME.NS.svc.DOMAIN/REPO:TAG}), the proxy's own host for path mode
+    (images named C{PROXY-HOST/namespaces/NS/connectors/NAME/REPO:TAG}).
+    The user name is ignored by the proxy; the token is the client's own.
+    """
+    _check_config_text("token", token)
+    auth = base64.b64encode(f"{DOCKER_USERNAME}:{token}".encode()).decode("ascii")
+    return json.dumps({"auths": {host: {"auth": auth} for host in registries}}, indent=2) + "\n"
+
+
+def _docker_command(args: argparse.Namespace) -> str:
+    namespace, name = args.connector
+    if args.proxy:
+        registry = registry_host(args.proxy)
+    else:
+        registry = connector_host(namespace, name, args.cluster_domain)
+    return docker_config([registry], _read_token(args.token_file))
+
+
+def add_docker_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    docker = commands.add_parser(
+        "docker", help="a config.json that lets registry clients pull and push through the proxy",
+        description="Write the docker config.json the Connectors CSI driver would mount for an oci Connector.",
+    )
+    docker.add_argument("--connector", required=True, type=_split_connector, metavar="NAMESPACE/NAME")
+    docker.add_argument("--token-file", required=True, metavar="FILE",
+                        help="file holding the client token ('-' for standard input)")
+    docker.add_argument("--proxy", metavar="URL",
+                        help="path mode: the proxy's URL, e.g. http://127.0.0.1:8080; images are then named "
+                             "HOST:PORT/namespaces/NS/connectors/NAME/REPO:TAG (default: host mode, "
+                             "c-NAME.NAMESPACE.svc.CLUSTER-DOMAIN/REPO:TAG)")
+    docker.add_argument("--cluster-domain", default=DEFAULT_CLUSTER_DOMAIN)
+    docker.set_defaults(render=_docker_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m connectors_proxy.clientconfig",
@@ -158,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write here (mode 0600: it holds the client token) instead of standard output")
     commands = parser.add_subparsers(dest="command", required=True)
     add_git_command(commands)
+    add_docker_command(commands)
     return parser
 
 

@@ -15,8 +15,13 @@ from urllib.parse import urlsplit
 from attrs import field, frozen
 
 from .objects import (
-    SECRET_BASIC, SECRET_BEARER, SECRET_DOCKERCONFIG, SECRET_REGISTRY,
-    Connector, ConnectorClass, Secret,
+    SECRET_BASIC,
+    SECRET_BEARER,
+    SECRET_DOCKERCONFIG,
+    SECRET_REGISTRY,
+    Connector,
+    ConnectorClass,
+    Secret,
 )
 from .state import Snapshot
 
@@ -27,7 +32,7 @@ class BasicCredentials:
     password: str = field(repr=False)
 
     def authorization(self) -> bytes:
-        pair = f"{self.username}:{self.password}".encode("utf-8")
+        pair = f"{self.username}:{self.password}".encode()
         return b"Basic " + base64.b64encode(pair)
 
 

@@ -68,7 +68,7 @@ def error_response(error: ProxyError, oci: bool) -> tuple[Headers, bytes]:
         headers.setRawHeaders(b"Content-Type", [b"application/json"])
         headers.setRawHeaders(b"Docker-Distribution-API-Version", [b"registry/2.0"])
     else:
-        body = f"connectors-proxy: {error.message}\n".encode("utf-8")
+        body = f"connectors-proxy: {error.message}\n".encode()
         headers.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
     if error.status == 401:
         headers.setRawHeaders(b"WWW-Authenticate", [REALM_CHALLENGE])

@@ -20,7 +20,7 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from .interfaces import IIdentityVerifier, Identity
+from .interfaces import Identity, IIdentityVerifier
 from .objects import ObjectRef
 
 PUBLIC_NAMESPACE = "kube-public"

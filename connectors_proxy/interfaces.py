@@ -33,11 +33,11 @@ class IIdentityVerifier(Interface):
     the API server (TokenReview, SubjectAccessReview).
     """
 
-    def authenticate(token: str) -> "Deferred[Identity | None]":  # type: ignore[name-defined]  # noqa: F821
+    def authenticate(token: str) -> Deferred[Identity | None]:  # type: ignore[name-defined]  # noqa: F821
         """
         The identity that C{token} proves, or C{None} when the token is not
         valid.  Fails only when the answer cannot be had (API server away).
         """
 
-    def authorize(identity: Identity, namespace: str, name: str) -> "Deferred[bool]":  # type: ignore[name-defined]  # noqa: F821
+    def authorize(identity: Identity, namespace: str, name: str) -> Deferred[bool]:  # type: ignore[name-defined]  # noqa: F821
         """Whether C{identity} may use Connector C{namespace/name}."""

@@ -10,11 +10,15 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 from twisted.logger import (
-    FilteringLogObserver, ILogObserver, LogLevel, LogLevelFilterPredicate, formatEvent,
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
 )
 from zope.interface import implementer
 
@@ -27,7 +31,7 @@ ACCESS_FIELDS = ("client", "identity", "namespace", "connector", "protocol", "me
 
 def _time(event: Mapping[str, Any]) -> str:
     stamp = event.get("log_time") or 0.0
-    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(stamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _level(event: Mapping[str, Any]) -> str:
@@ -57,6 +61,12 @@ def json_line(event: Mapping[str, Any]) -> str:
         out["event"] = "access"
         for name in ACCESS_FIELDS:
             out[name] = event.get(name)
+    elif isinstance(event.get("event"), str):
+        # Operational events (drain, reload, signal) name themselves with
+        # "event" and carry their own plain fields.
+        for name, value in event.items():
+            if not name.startswith("log_") and name not in out and isinstance(value, (str, int, float, bool)):
+                out[name] = value
     traceback = _failure_text(event)
     if traceback:
         out["traceback"] = traceback

@@ -12,8 +12,8 @@ An invalid edit keeps the last good state and says why in the log.
 from __future__ import annotations
 
 import hashlib
-import time
 import os
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 import yaml

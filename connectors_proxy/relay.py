@@ -22,9 +22,13 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    Agent, HTTPConnectionPool, ResponseDone, ResponseFailed, ResponseNeverReceived,
+    Agent,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
-from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
@@ -73,7 +77,13 @@ class Target:
 
     def to_client(self, url: bytes) -> bytes:
         """Map an upstream URL (absolute or path) back to what the client uses."""
-        return rewrite_location(url, self.upstream_base, self.client_base, self.route.client_prefix)
+        prefix = self.route.client_prefix
+        if self.route.oci_path:
+            # OCI path mode: upstream /v2/REPO... is /v2/namespaces/NS/connectors/NAME/REPO... for the
+            # client, so the prefix replaces the leading /v2.
+            mapped = rewrite_location(url, self.upstream_base, self.client_base, b"\0")
+            return mapped.replace(b"\0/v2", prefix, 1) if b"\0/v2" in mapped else mapped.replace(b"\0", b"", 1)
+        return rewrite_location(url, self.upstream_base, self.client_base, prefix)
 
 
 def client_base(request: ProxyRequest) -> bytes:
@@ -223,7 +233,8 @@ class _ResponseRelay(Protocol):
         self.request.write(data)
 
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
-        if self.request.producer is not None:
+        # The client may be gone already (Twisted then drops request.channel).
+        if self.request.producer is not None and getattr(self.request, "channel", None) is not None:
             self.request.unregisterProducer()
         if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(self.sent)

@@ -24,16 +24,17 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from . import accesslog, errors
+from . import accesslog, errors, limits
 from .credentials import CredentialsUnavailable, resolve
-from .identity import presented_token
-from .interfaces import IIdentityVerifier, Identity
+from .identity import Presented, presented_token
+from .interfaces import Identity, IIdentityVerifier
 from .objects import Connector, ObjectRef
 from .relay import Agents, Target, client_base, send_bytes, send_error
 from .routing import BadTarget, Route, route
 from .state import Snapshot, Store
 from .streaming import ProxyRequest
 from .tls import load_ca_bundle, load_client_certificate
+from .tls_serve import client_identity
 
 log = Logger()
 
@@ -88,6 +89,8 @@ class ConnectorsResource(Resource):
     protocols: Mapping[str, IResource]
     cluster_domain: str = "cluster.local"
     observers: list[Callable[[ProxyRequest, accesslog.AccessRecord], None]] = field(factory=list)
+    # Per-Connector concurrency limit (None: unlimited).
+    limiter: limits.ConcurrencyLimiter | None = None
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
@@ -118,6 +121,8 @@ class ConnectorsResource(Resource):
             resource = self.protocols.get(target.connector_class.protocol)
             if resource is None:
                 raise errors.unavailable(f"protocol {target.connector_class.protocol!r} is not served here")
+            if self.limiter is not None:
+                await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref))
             result = resource.render(request)
             if result is not NOT_DONE_YET:
                 request.write(result)
@@ -128,8 +133,13 @@ class ConnectorsResource(Resource):
             log.failure("routing {uri!r} failed", uri=request.uri)
             send_error(request, errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)"), oci)
 
-    async def _resolve(self, request: ProxyRequest, r: Route, context: dict[str, str]) -> Target | None:
+    async def _authenticate(self, request: ProxyRequest) -> tuple[Identity, Presented | None]:
+        # A client certificate verified by a cptls listener with clientCA=
+        # is an identity of its own; otherwise the token decides.
+        certified = client_identity(request.channel.transport)
         presented = presented_token(request.getHeader(b"authorization"), request.getHeader(b"proxy-authorization"))
+        if certified is not None:
+            return certified, presented
         if presented is None:
             raise errors.unauthorized(
                 "no token: send your ServiceAccount token as 'Authorization: Bearer TOKEN' "
@@ -142,13 +152,17 @@ class ConnectorsResource(Resource):
             raise errors.unavailable("cannot verify the token right now; retry later") from None
         if identity is None:
             raise errors.unauthorized("the token was not accepted (unknown, expired or revoked)")
+        return identity, presented
+
+    async def _resolve(self, request: ProxyRequest, r: Route, context: dict[str, str]) -> Target | None:
+        identity, presented = await self._authenticate(request)
         context["identity"] = identity.username
 
         snapshot = self.store.snapshot
         if r.names_connector:
             ref = ObjectRef(r.namespace or "", r.name or "")
         elif r.origin is not None:
-            found = forward_connector(r, presented.listed, snapshot)
+            found = forward_connector(r, presented.listed if presented else (), snapshot)
             if found is None:
                 raise errors.forbidden(
                     f"{r.origin.decode('latin-1')} is not the address of a Connector you listed; "

@@ -43,10 +43,6 @@ HEADER_SECONDS = 30.0
 _TLS_HANDSHAKE = b"\x16\x03"
 
 
-class BodyCancelled(Exception):
-    """The upstream stopped reading the request body (its connection failed)."""
-
-
 @implementer(IBodyProducer)
 class RequestBody:
     """
@@ -111,13 +107,13 @@ class RequestBody:
             self._request.resume_reading()
 
     def stopProducing(self) -> None:
+        # IBodyProducer: after stopProducing, the Deferred from
+        # startProducing must never fire.
         self._stopped = True
         self._buffer = []
-        if self._done is not None and not self._done.called:
-            self._done.errback(Failure(BodyCancelled()))
 
     def _finish(self) -> None:
-        if self._done is not None and not self._done.called:
+        if self._done is not None and not self._done.called and not self._stopped:
             self._done.callback(None)
 
     @property
@@ -177,20 +173,27 @@ class ProxyRequest(server.Request):
 
     # Body flow control.
 
+    def _transport(self) -> Any:
+        # Twisted deletes request.channel once the request is finished (or
+        # the client is gone); the body may still be asked about after that.
+        channel = getattr(self, "channel", None)
+        return None if channel is None else channel.transport
+
     def pause_reading(self) -> None:
-        channel = self.channel
-        if channel is not None and channel.transport is not None:
-            channel.transport.pauseProducing()
+        transport = self._transport()
+        if transport is not None:
+            transport.pauseProducing()
 
     def resume_reading(self) -> None:
-        channel = self.channel
-        if channel is not None and channel.transport is not None and not self.finished:
-            channel.transport.resumeProducing()
+        transport = self._transport()
+        if transport is not None and not self.finished:
+            transport.resumeProducing()
 
     def body_wanted(self) -> None:
-        if self._expect_continue and not self._continue_sent and not self.startedWriting:
+        transport = self._transport()
+        if transport is not None and self._expect_continue and not self._continue_sent and not self.startedWriting:
             self._continue_sent = True
-            self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     @property
     def body_pending(self) -> bool:

@@ -14,22 +14,26 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.application.service import IServiceCollection, MultiService
+from twisted.application.service import IServiceCollection
 from twisted.application.strports import service as strport_service
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.web.resource import IResource
 
-from . import logformat
+from . import drain, limits, logformat, sdnotify
 from .admin import admin_resource
 from .interfaces import IIdentityVerifier
 from .manifests import ManifestError, ManifestSource
+from .metrics import ProxyMetrics
+from .protocols.git import GitResource
+from .protocols.oci import OciResource
 from .protocols.rest import RestResource
 from .relay import Agents
 from .resource import ConnectorsResource
 from .state import Store
 from .streaming import ProxySite
 from .tls import upstream_policy
+from .tls_serve import TLSServerEndpoint
 
 log = Logger()
 
@@ -60,6 +64,13 @@ class Options(usage.Options):
         ["token-audience", None, None, "Cluster mode: audiences TokenReview checks (comma-separated)."],
         ["lease-namespace", None, None, "Cluster mode: namespace of the leader-election Lease."],
         ["idle-timeout", None, "60", "Seconds an idle client connection is kept."],
+        ["drain-timeout", None, "30", "On SIGTERM, seconds requests in flight may take to finish before exit."],
+        ["max-concurrent-per-connector", None, str(limits.DEFAULT_MAX_ACTIVE),
+         "Requests in progress to one Connector's upstream at a time (0: no limit)."],
+        ["queue-per-connector", None, str(limits.DEFAULT_MAX_QUEUE),
+         "Requests waiting for one Connector past its limit; more get 503 with Retry-After."],
+        ["queue-timeout", None, str(limits.DEFAULT_QUEUE_TIMEOUT),
+         "Seconds a request waits in a Connector's queue before it gets 503."],
     ]
 
     def __init__(self) -> None:
@@ -88,11 +99,22 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
         if self["log-level"] not in logformat.LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(logformat.LEVELS)}")
-        for name in ("review-cache-seconds", "idle-timeout"):
+        for option, endpoint in [("--listen", e) for e in self["listen"]] + [("--admin", self["admin"])]:
+            check_endpoint(option, endpoint)
+        for name in ("review-cache-seconds", "idle-timeout", "drain-timeout", "queue-timeout"):
             try:
                 self[name] = float(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name} must be a number of seconds") from None
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
+        for name in ("max-concurrent-per-connector", "queue-per-connector"):
+            try:
+                self[name] = int(self[name])
+            except ValueError:
+                raise usage.UsageError(f"--{name} must be a whole number") from None
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
         cluster = bool(self["kubeconfig"] or self["in-cluster"])
         if cluster and self["manifests"]:
             raise usage.UsageError("--manifests (standalone) and --kubeconfig/--in-cluster (cluster) exclude each other")
@@ -119,6 +141,16 @@ class Options(usage.Options):
             self["source"] = source
 
 
+def check_endpoint(option: str, description: str) -> None:
+    """Parse an endpoint string now, so a typo is one line rather than a traceback at start."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+    try:
+        serverFromString(reactor, description)
+    except Exception as e:
+        raise usage.UsageError(f"{option} {description!r}: {e}") from None
+
+
 def fail(message: str) -> None:
     """One line on stderr and a non-zero exit: never a traceback."""
     sys.stderr.write(f"connectors-proxy: {message}\n")
@@ -126,10 +158,11 @@ def fail(message: str) -> None:
     raise SystemExit(2)
 
 
-class ProxyService(MultiService):
+class ProxyService(drain.DrainingService):
     """
     The daemon's service tree.  When twistd parents it to its application,
-    it installs the log observer for C{--log-format}.
+    it installs the log observer for C{--log-format}.  When stopped, it
+    drains the proxy listeners before stopping the rest.
     """
 
     def __init__(self, observer: ILogObserver | None) -> None:
@@ -146,29 +179,42 @@ def protocol_resources(reactor: Any) -> dict[str, IResource]:
     """The resource that serves each ConnectorClass protocol."""
     return {
         "http": RestResource(),
+        "git": GitResource(),
+        "oci": OciResource(reactor),
     }
 
 
 def proxy_site(store: Store, verifier: IIdentityVerifier, reactor: Any, cluster_domain: str = "cluster.local",
-               idle_timeout: float = 60.0) -> tuple[ProxySite, ConnectorsResource, Agents]:
+               idle_timeout: float = 60.0, limiter: limits.ConcurrencyLimiter | None = None,
+               ) -> tuple[ProxySite, ConnectorsResource, Agents]:
     """The proxy's site, as the daemon and the integration tests build it."""
     agents = Agents(reactor, upstream_policy)
     root = ConnectorsResource(store=store, verifier=verifier, agents=agents,
-                              protocols=protocol_resources(reactor), cluster_domain=cluster_domain)
+                              protocols=protocol_resources(reactor), cluster_domain=cluster_domain,
+                              limiter=limiter)
     return ProxySite(root, reactor, timeout=idle_timeout), root, agents
 
 
-def make_service(options: Options, reactor: Any = None) -> ProxyService:
+def make_service(options: Options, reactor: Any = None, signals: bool = False) -> ProxyService:
+    """
+    @param signals: install the daemon's SIGTERM/SIGINT (drain) and SIGHUP
+        (reload) handlers once the reactor runs (twistd does; tests do not).
+    """
     if reactor is None:
         from twisted.internet import reactor as _reactor
         reactor = _reactor
     top = ProxyService(logformat.observer(options["log-format"], options["log-level"]))
+    metrics = ProxyMetrics()
+    reloader = drain.Reloader(notify=sdnotify.notify)
     store: Store
     if options["mode"] == "standalone":
         source: ManifestSource = options["source"]
         source.reactor = reactor
         source.setServiceParent(top)
         store, verifier = source.store, source.tokens
+        source.on_reload.append(lambda ok: metrics.reload("manifests", ok))
+        metrics.track_source("manifests", lambda: source.last_success)
+        reloader.add("manifests and tokens", source.poll)
         if options["examples"]:
             log.warn("no --manifests given: serving the bundled examples from {path}", path=EXAMPLE_MANIFESTS)
     else:
@@ -176,19 +222,51 @@ def make_service(options: Options, reactor: Any = None) -> ProxyService:
         cluster = cluster_service(options, reactor)
         cluster.setServiceParent(top)
         store, verifier = cluster.store, cluster.verifier
+        for review, attribute in (("token", "tokens"), ("access", "access")):
+            cache = getattr(verifier, attribute, None)
+            if cache is not None:
+                metrics.track_review_cache(review, cache)
 
-    site, root, agents = proxy_site(store, verifier, reactor, options["cluster-domain"], options["idle-timeout"])
+    limiter = limits.ConcurrencyLimiter(reactor, options["max-concurrent-per-connector"],
+                                        options["queue-per-connector"], options["queue-timeout"])
+    site, root, agents = proxy_site(store, verifier, reactor, options["cluster-domain"], options["idle-timeout"],
+                                    limiter)
+    drainer = drain.Drainer(reactor, options["drain-timeout"], sites=[site], notify=sdnotify.notify)
+    top.drainer = drainer
     for endpoint in options["listen"]:
-        strport_service(endpoint, site, reactor=reactor).setServiceParent(top)
+        listener = strport_service(endpoint, site, reactor=reactor)
+        listener.setServiceParent(top)
+        drainer.listeners.append(listener)
+        tls = drain.reloadable_tls(listener, endpoint, reactor)
+        if tls is not None:
+            reloader.add("certificates", lambda tls=tls: metrics.reload("certificates", tls.reload()))  # type: ignore[misc]
+        if isinstance(listener.endpoint, TLSServerEndpoint):
+            served = listener.endpoint.tls
+            if served.cluster_domain is None:
+                served.cluster_domain = options["cluster-domain"]
+            # Mint only for Connectors that exist: random SNI names must not
+            # make the proxy mint certificates on the reactor thread.
+            served.known = lambda ns, name: store.snapshot.connector(ns, name) is not None
+            reloader.add("certificates", lambda t=served: metrics.reload("certificates", t.reload()))  # type: ignore[misc]
+    root.observers.append(metrics.observe)
+    metrics.track_site(site)
+    metrics.track_agents(agents)
+    metrics.track_limiter(limiter)
+    metrics.track_drain(drainer)
 
     def ready() -> str | None:
+        if drainer.draining:
+            return "not ready: draining before exit"
         return None if store.ready else "not ready: objects not loaded yet, or the source is stale"
 
-    admin = ProxySite(admin_resource(ready), reactor)
+    admin = ProxySite(admin_resource(ready, metrics.resource()), reactor)
     strport_service(options["admin"], admin, reactor=reactor).setServiceParent(top)
+    sdnotify.ReadyNotifier(reactor, lambda: store.ready).setServiceParent(top)
+    if signals:
+        drain.Signals(reactor, drainer, reloader).setServiceParent(top)
     reactor.addSystemEventTrigger("before", "shutdown", agents.close)
     return top
 
 
 def makeService(options: Options) -> ProxyService:
-    return make_service(options)
+    return make_service(options, signals=True)

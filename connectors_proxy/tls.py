@@ -22,7 +22,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-from attrs import field, frozen
+from attrs import define, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from OpenSSL import SSL, crypto
@@ -253,7 +253,7 @@ def _names(cert: crypto.X509) -> tuple[str, ...]:
 
 
 @implementer(IPolicyForHTTPS)
-@frozen(eq=False)
+@define(eq=False)
 class UpstreamPolicy:
     """
     An C{IPolicyForHTTPS} for C{twisted.web.client.Agent}: platform roots
@@ -269,13 +269,13 @@ class UpstreamPolicy:
     client_key: crypto.PKey | None = field(repr=False)
     key: str
     max_hosts: int = 64
-    _context: list[SSL.Context] = field(factory=list, init=False, repr=False)
+    _context: SSL.Context | None = field(default=None, init=False, repr=False)
     _creators: OrderedDict[tuple[str, int], _UpstreamConnectionCreator] = field(
         factory=OrderedDict, init=False, repr=False)
 
     def context(self) -> SSL.Context:
         """The OpenSSL context, built on first use and shared by every connection."""
-        if not self._context:
+        if self._context is None:
             ctx = SSL.Context(SSL.TLS_METHOD)
             ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
             ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
@@ -290,8 +290,8 @@ class UpstreamPolicy:
                 for extra in self.client_chain[1:]:
                     ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
                 ctx.check_privatekey()
-            self._context.append(ctx)
-        return self._context[0]
+            self._context = ctx
+        return self._context
 
     def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         host = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname

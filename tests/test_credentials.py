@@ -8,12 +8,20 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from connectors_proxy.credentials import (
-    BasicCredentials, BearerCredentials, CredentialsUnavailable, from_secret, resolve,
+    BasicCredentials,
+    BearerCredentials,
+    CredentialsUnavailable,
+    from_secret,
+    resolve,
 )
 from connectors_proxy.identity import (
-    InvalidTokenFile, StaticTokens, namespace_rule, parse_token_file, presented_token,
+    InvalidTokenFile,
+    StaticTokens,
+    namespace_rule,
+    parse_token_file,
+    presented_token,
 )
-from connectors_proxy.interfaces import IIdentityVerifier, Identity
+from connectors_proxy.interfaces import Identity, IIdentityVerifier
 from connectors_proxy.objects import AuthType, Connector, ConnectorClass, ObjectRef, Secret
 from connectors_proxy.state import Snapshot
 

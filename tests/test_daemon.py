@@ -22,7 +22,14 @@ from twisted.trial.unittest import TestCase
 from .support.nginx import start_nginx
 from .support.procs import check, free_port, run
 from .support.proxy import (
-    ROOT, basic_secret, connector, connector_class, json_lines, manifests_text, sa, start_proxy_process,
+    ROOT,
+    basic_secret,
+    connector,
+    connector_class,
+    json_lines,
+    manifests_text,
+    sa,
+    start_proxy_process,
     write_setup,
 )
 

@@ -31,7 +31,7 @@ def exchange(port: int, data: bytes, timeout: float = 5.0, shutdown: bool = Fals
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             pass
     return b"".join(chunks), time.monotonic() - started
 

@@ -13,14 +13,19 @@ import secrets
 
 import treq
 from twisted.internet import reactor
-from twisted.web.client import HTTPConnectionPool
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
 
 from .support.nginx import start_nginx
 from .support.procs import check, require, run
 from .support.proxy import (
-    basic_secret, bearer_secret, connector, connector_class, sa, start_proxy,
+    basic_secret,
+    bearer_secret,
+    connector,
+    connector_class,
+    sa,
+    start_proxy,
 )
 
 CURL = ["curl", "-sS", "--max-time", "60"]

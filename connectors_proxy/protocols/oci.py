@@ -1,0 +1,406 @@
+# -*- test-case-name: tests.test_oci_integration -*-
+"""
+The OCI protocol (distribution specification; SPEC sections 5 and 6):
+registry clients (skopeo, podman, docker, crane...) pull and push through the
+proxy with only their own token, and the proxy authenticates to the
+registry with the Connector's credentials.
+
+What this module adds to the shared relay:
+
+ - C{/v2/} is answered by the proxy (the root resource has already checked
+   the client's token), so clients never see the registry's challenge.
+ - Upstream auth: the registry's scheme is learned once per Connector by an
+   anonymous C{GET /v2/}.  C{Bearer realm,service} registries get a token
+   from the realm with the Connector's credentials, for the scopes the
+   request needs (computed before the request, so a body that cannot be
+   sent twice goes out with a sufficient token), cached per (Connector,
+   realm, service, scope, credentials) in a L{TokenCache} that shares one
+   realm request among concurrent requests.  C{Basic} registries get the
+   credentials themselves.  A 401 for a request without a body (which can
+   be sent again) refreshes the token once, with the scopes the challenge
+   names, and retries.  No token, challenge or realm ever reaches the client.
+ - Path mode: repository names C{namespaces/NS/connectors/NAME/REPO} (the
+   router already strips the prefix from the path) are mapped back in
+   C{Location}, C{Link}, C{from=}/C{last=}, tag lists, catalogs and error
+   details.
+ - Blob redirects to another origin (a storage backend) are followed by the
+   proxy without credentials; redirects on the registry's origin are
+   rewritten to point at the proxy.
+ - Errors are OCI error bodies with codes clients know.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+from urllib.parse import urljoin
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from .. import relay
+from ..errors import ProxyError, bad_gateway
+from ..headers import client_response_headers, upstream_request_headers
+from ..oci_auth import (
+    Challenge,
+    IssuedToken,
+    RegistryCredentials,
+    TokenResponseError,
+    asks_basic,
+    bearer_challenge,
+    parse_challenges,
+    parse_token_response,
+    realm_allowed,
+    registry_credentials,
+    token_request,
+)
+from ..oci_names import (
+    BLOB,
+    CATALOG,
+    MAX_REWRITTEN_BODY,
+    PING,
+    TAGS,
+    NameMap,
+    OciPath,
+    merge_scopes,
+    parse_oci_path,
+    rewrite_json_names,
+    rewrite_link,
+    rewrite_upstream_url,
+    scopes_for,
+)
+from ..oci_tokens import SingleFlight, TokenCache, TokenKey, fingerprint
+from ..relay import Target
+from ..streaming import ProxyRequest
+
+log = Logger()
+
+PING_HEADERS = {
+    b"Content-Type": b"application/json",
+    b"Docker-Distribution-API-Version": b"registry/2.0",
+}
+
+# Token answers are a JWT or an opaque string and a few fields.
+TOKEN_RESPONSE_LIMIT = 1024 * 1024
+# Bodies the proxy reads only to throw away (401s, redirects).
+DISCARD_LIMIT = 64 * 1024
+# Redirects followed for one blob (registry -> CDN -> signed URL ...).
+MAX_REDIRECTS = 5
+
+# Request headers that go to a storage backend when the proxy follows a blob
+# redirect: what a download needs, nothing that identifies or authenticates.
+_FOLLOW_HEADERS = (b"range", b"if-range", b"accept", b"user-agent")
+# Response headers of a storage backend that the client gets.
+_BLOB_HEADERS = (b"content-type", b"content-range", b"accept-ranges", b"etag", b"last-modified")
+
+# Never to the client: the registry's challenges (the client would go to the
+# realm itself) and its cookies (a session of the Connector's identity).
+_NOT_TO_CLIENT = (b"www-authenticate", b"set-cookie")
+
+
+@frozen
+class Scheme:
+    """
+    How a registry wants to be authenticated: C{bearer} (token from
+    C{challenge}'s realm), C{basic}, C{bearer-direct} (a C{Bearer}
+    challenge without realm: the Connector's token as it is), or C{none}.
+    """
+
+    kind: str
+    challenge: Challenge | None = None
+
+
+NONE = Scheme("none")
+
+
+def scheme_of(challenges: list[Challenge]) -> Scheme:
+    """The L{Scheme} that a 401's challenges ask for."""
+    bearer = bearer_challenge(challenges)
+    if bearer is not None:
+        return Scheme("bearer", bearer)
+    if asks_basic(challenges):
+        return Scheme("basic")
+    if any(c.scheme == "bearer" for c in challenges):
+        return Scheme("bearer-direct")
+    return NONE
+
+
+def describe(target: Target) -> str:
+    return f"Connector {target.connector.namespace}/{target.connector.name}"
+
+
+def refused(target: Target, scopes: tuple[str, ...]) -> ProxyError:
+    """
+    The registry refused the Connector's credentials (or wants some, and
+    there are none).  A 403, not a 401: the client's own token was fine, and
+    a 401 would make it retry with the same token.
+    """
+    connector = target.connector
+    wanted = f" for {' '.join(scopes)}" if scopes else ""
+    if target.credentials is None:
+        return ProxyError(403, "DENIED", (
+            f"the registry of {describe(target)} ({connector.address}) asks for credentials{wanted} and the "
+            "Connector has none: set spec.auth.secretRef to a Secret the registry accepts"
+        ))
+    return ProxyError(403, "DENIED", (
+        f"the registry of {describe(target)} ({connector.address}) refused the credentials in Secret "
+        f"{connector.secret_ref}{wanted}"
+    ))
+
+
+async def discard(response: IResponse) -> None:
+    """Read and drop a small body so the connection can be reused."""
+    try:
+        await relay.read_body(response, DISCARD_LIMIT)
+    except ProxyError:
+        pass
+
+
+def _bytes_producer(body: bytes) -> FileBodyProducer:
+    return FileBodyProducer(BytesIO(body))
+
+
+@define
+class _Authorized:
+    """The C{Authorization} for one upstream request, and the cached token it came from."""
+
+    value: bytes | None = None
+    key: TokenKey | None = None
+    token: str | None = None
+
+
+@define
+class OciResource(Resource):
+    """
+    The resource the router renders for Connectors of an C{oci} class.  One
+    instance per proxy: it holds the token cache and what each registry's
+    auth scheme is.
+    """
+
+    clock: IReactorTime
+    tokens: TokenCache = field(default=None)
+    _schemes: dict[tuple[str, str], Scheme] = field(factory=dict)
+    _probes: SingleFlight[tuple[str, str], Scheme] = field(factory=SingleFlight)
+    isLeaf = True
+
+    def __attrs_post_init__(self) -> None:
+        Resource.__init__(self)
+        if self.tokens is None:
+            self.tokens = TokenCache(self.clock)
+
+    def render(self, request: ProxyRequest) -> Any:  # type: ignore[override]
+        Deferred.fromCoroutine(self.serve(request))
+        return NOT_DONE_YET
+
+    # -- one request --------------------------------------------------------
+
+    async def serve(self, request: ProxyRequest) -> None:
+        target: Target = request.target
+        try:
+            await self._serve(request, target)
+        except ProxyError as e:
+            if describe(target) not in e.message and e.status >= 500:
+                e = ProxyError(e.status, e.code, f"{describe(target)}: {e.message}")
+            relay.send_error(request, e, oci=True)
+
+    async def _serve(self, request: ProxyRequest, target: Target) -> None:
+        route = target.route
+        raw_path, _, raw_query = route.rest.partition(b"?")
+        path = raw_path.decode("latin-1")
+        oci = parse_oci_path(path)
+        if oci is None:
+            raise ProxyError(404, "NAME_INVALID", (
+                "not a path of the OCI distribution API, or an invalid repository name"
+            ))
+        if oci.kind == PING:
+            relay.send_bytes(request, 200, PING_HEADERS, b"{}")
+            return
+        names = NameMap.for_path_mode(target.connector.namespace, target.connector.name) \
+            if route.oci_path else NameMap()
+        query = names.upstream_query(oci, raw_query.decode("latin-1"))
+        url = target.upstream_url((path + ("?" + query if query else "")).encode("latin-1"))
+        scopes = scopes_for(request.method, oci, query)
+        response = await self._send(request, target, url, scopes)
+        await self._respond(request, target, oci, names, url.decode("latin-1"), response)
+
+    # -- upstream auth ------------------------------------------------------
+
+    def _scheme_key(self, target: Target) -> tuple[str, str]:
+        return (f"{target.connector.namespace}/{target.connector.name}", target.connector.address)
+
+    async def _scheme(self, target: Target) -> Scheme:
+        """What the registry asks for, from an anonymous C{GET /v2/} (once per Connector)."""
+        key = self._scheme_key(target)
+        known = self._schemes.get(key)
+        if known is not None:
+            return known
+        return await self._probes.run(key, lambda: Deferred.fromCoroutine(self._probe(target, key)))
+
+    async def _probe(self, target: Target, key: tuple[str, str]) -> Scheme:
+        headers = Headers({b"Accept": [b"application/json"]})
+        response = await relay.send(target, b"GET", target.upstream_base + b"/v2/", headers, None)
+        challenges = parse_challenges(response.headers.getRawHeaders(b"www-authenticate", []))
+        await discard(response)
+        scheme = scheme_of(challenges) if response.code == 401 else NONE
+        self._schemes[key] = scheme
+        return scheme
+
+    async def _authorize(self, target: Target, scheme: Scheme, scopes: tuple[str, ...],
+                         credentials: RegistryCredentials | None) -> _Authorized:
+        if scheme.kind == "basic":
+            return _Authorized(credentials.basic() if credentials else None)
+        if scheme.kind == "bearer-direct":
+            bearer = credentials.bearer if credentials else None
+            return _Authorized(b"Bearer " + bearer.encode() if bearer else None)
+        if scheme.kind != "bearer" or not scopes:
+            return _Authorized()
+        challenge = scheme.challenge
+        assert challenge is not None and challenge.realm is not None
+        if credentials is not None and not realm_allowed(target.connector.address, challenge.realm):
+            raise bad_gateway(
+                f"the registry names a token realm ({challenge.realm}) that the Connector's credentials "
+                "must not be sent to (plain HTTP behind an HTTPS registry)"
+            )
+        key = TokenKey(f"{target.connector.namespace}/{target.connector.name}", challenge.realm,
+                       challenge.service or "", " ".join(scopes), fingerprint(credentials))
+        token = await self.tokens.get(
+            key, lambda: Deferred.fromCoroutine(self._fetch_token(target, challenge, scopes, credentials)))
+        return _Authorized(b"Bearer " + token.encode(), key, token)
+
+    async def _fetch_token(self, target: Target, challenge: Challenge, scopes: tuple[str, ...],
+                           credentials: RegistryCredentials | None) -> IssuedToken:
+        spec = token_request(challenge, scopes, credentials)
+        headers = Headers({name: [value] for name, value in spec.headers.items()})
+        body = _bytes_producer(spec.body) if spec.body is not None else None
+        response = await relay.send(target, spec.method, spec.url, headers, body)
+        answer = await relay.read_body(response, TOKEN_RESPONSE_LIMIT)
+        if response.code in (401, 403):
+            raise refused(target, scopes)
+        if response.code != 200:
+            raise bad_gateway(f"the registry's token service answered {response.code} for {' '.join(scopes)}")
+        try:
+            return parse_token_response(answer)
+        except TokenResponseError as e:
+            raise bad_gateway(str(e)) from None
+
+    def _headers(self, request: ProxyRequest, authorization: bytes | None) -> Headers:
+        peer = request.getClientAddress()
+        headers = upstream_request_headers(
+            request.requestHeaders, getattr(peer, "host", "unknown"), request.getHeader(b"host"),
+            b"https" if request.isSecure() else b"http",
+        )
+        # Registry clients keep no cookies; the proxy's own must not leak.
+        headers.removeHeader(b"cookie")
+        # Registries build Location and Link URLs on X-Forwarded-Host and
+        # -Proto: the client's host with the registry's paths, which path
+        # mode and address prefixes cannot map back.  Without them the URLs
+        # name the registry, and are mapped like any other.
+        headers.removeHeader(b"x-forwarded-host")
+        headers.removeHeader(b"x-forwarded-proto")
+        if authorization is not None:
+            headers.setRawHeaders(b"Authorization", [authorization])
+        return headers
+
+    async def _send(self, request: ProxyRequest, target: Target, url: bytes,
+                    scopes: tuple[str, ...]) -> IResponse:
+        """
+        Send the request upstream with the right credentials; on a 401,
+        refresh once and send again when the request has no body.
+        """
+        credentials = registry_credentials(target.credentials)
+        scheme = await self._scheme(target)
+        auth = await self._authorize(target, scheme, scopes, credentials)
+        response = await relay.send(target, request.method, url, self._headers(request, auth.value),
+                                    request.body, request)
+        if response.code != 401:
+            return response
+        challenges = parse_challenges(response.headers.getRawHeaders(b"www-authenticate", []))
+        await discard(response)
+        fresh = scheme_of(challenges)
+        if fresh != scheme:
+            self._schemes[self._scheme_key(target)] = fresh
+        if request.body is not None or fresh.kind == "none":
+            # The body has gone upstream and cannot be sent again.
+            raise refused(target, scopes)
+        if auth.key is not None and auth.token is not None:
+            self.tokens.invalidate(auth.key, auth.token)
+        if fresh.challenge is not None:
+            scopes = merge_scopes(scopes, fresh.challenge.scopes)
+        auth = await self._authorize(target, fresh, scopes, credentials)
+        response = await relay.send(target, request.method, url, self._headers(request, auth.value), None, request)
+        if response.code == 401:
+            await discard(response)
+            raise refused(target, scopes)
+        return response
+
+    # -- the response -------------------------------------------------------
+
+    async def _respond(self, request: ProxyRequest, target: Target, oci: OciPath, names: NameMap,
+                       url: str, response: IResponse) -> None:
+        address = target.connector.address
+        client_base = target.client_base.decode("latin-1")
+        headers = client_response_headers(response.headers)
+        for name in _NOT_TO_CLIENT:
+            headers.removeHeader(name)
+        location = response.headers.getRawHeaders(b"location")
+        if location:
+            rewritten = rewrite_upstream_url(location[0].decode("latin-1"), url, address, names, client_base)
+            if rewritten.foreign is not None and 300 <= response.code < 400 and oci.kind == BLOB:
+                await discard(response)
+                await self._follow(request, target, oci, rewritten.foreign)
+                return
+            if rewritten.local is not None:
+                headers.setRawHeaders(b"Location", [rewritten.local.encode("latin-1")])
+        links = headers.getRawHeaders(b"link")
+        if links:
+            headers.setRawHeaders(b"Link", [
+                rewrite_link(v.decode("latin-1"), url, address, names).encode("latin-1") for v in links
+            ])
+        if names.prefix and request.method != b"HEAD" and (
+            (oci.kind in (TAGS, CATALOG) and response.code == 200) or response.code >= 400
+        ):
+            body = await relay.read_body(response, MAX_REWRITTEN_BODY)
+            kind = oci.kind if response.code == 200 else "error"
+            relay.send_bytes(request, response.code, headers, rewrite_json_names(kind, body, names))
+            return
+        await relay.stream_response(request, response, headers)
+
+    async def _follow(self, request: ProxyRequest, target: Target, oci: OciPath, url: str) -> None:
+        """
+        Fetch a blob from the storage backend a registry redirected to,
+        without any credentials, and stream it to the client as if the
+        registry had answered.
+        """
+        headers = Headers()
+        for name in _FOLLOW_HEADERS:
+            values = request.requestHeaders.getRawHeaders(name)
+            if values:
+                headers.setRawHeaders(name, values)
+        for _ in range(MAX_REDIRECTS):
+            response = await relay.send(target, request.method, url.encode("latin-1"), headers, None, request)
+            location = response.headers.getRawHeaders(b"location")
+            if 300 <= response.code < 400 and location:
+                await discard(response)
+                url = urljoin(url, location[0].decode("latin-1"))
+                continue
+            if response.code not in (200, 206):
+                await discard(response)
+                raise bad_gateway(f"the blob storage the registry redirected to answered {response.code}")
+            out = Headers()
+            for name in _BLOB_HEADERS:
+                values = response.headers.getRawHeaders(name)
+                if values:
+                    out.setRawHeaders(name, values)
+            if oci.reference:
+                out.setRawHeaders(b"Docker-Content-Digest", [oci.reference.encode("latin-1")])
+            await relay.stream_response(request, response, out)
+            return
+        raise bad_gateway(f"more than {MAX_REDIRECTS} redirects for a blob")
+

@@ -1,0 +1,40 @@
+"""Unit tests for the pure parts of L{connectors_proxy.protocols.oci}."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import IResource
+from zope.interface.verify import verifyObject
+
+from connectors_proxy.oci_auth import parse_challenges
+from connectors_proxy.protocols.oci import NONE, OciResource, Scheme, scheme_of
+
+
+class SchemeTests(SynchronousTestCase):
+    def test_bearer_with_realm(self) -> None:
+        scheme = scheme_of(parse_challenges(['Bearer realm="http://t/token",service="s"']))
+        self.assertEqual(scheme.kind, "bearer")
+        assert scheme.challenge is not None
+        self.assertEqual(scheme.challenge.realm, "http://t/token")
+
+    def test_bearer_preferred_over_basic(self) -> None:
+        self.assertEqual(scheme_of(parse_challenges(['Basic realm="r", Bearer realm="http://t"'])).kind, "bearer")
+
+    def test_basic(self) -> None:
+        self.assertEqual(scheme_of(parse_challenges(['Basic realm="registry"'])), Scheme("basic"))
+
+    def test_bearer_without_realm(self) -> None:
+        self.assertEqual(scheme_of(parse_challenges(["Bearer"])), Scheme("bearer-direct"))
+
+    def test_nothing(self) -> None:
+        self.assertEqual(scheme_of([]), NONE)
+        self.assertEqual(scheme_of(parse_challenges(["Negotiate"])), NONE)
+
+
+class ResourceTests(SynchronousTestCase):
+    def test_is_a_resource(self) -> None:
+        resource = OciResource(Clock())
+        self.assertTrue(verifyObject(IResource, resource))
+        self.assertTrue(resource.isLeaf)
+        self.assertIs(resource.tokens.clock, resource.clock)
