@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Union
 from urllib.parse import urlsplit
 
@@ -279,7 +279,7 @@ def parse_secret(doc: Mapping[str, Any]) -> Secret:
     return Secret(ns, name, _get(doc, "type", what, str) or "Opaque", data)
 
 
-_PARSERS = {
+_PARSERS: dict[tuple[str, str], Callable[[Mapping[str, Any]], KubeObject]] = {
     ("ConnectorClass", API_VERSION): parse_connector_class,
     ("Connector", API_VERSION): parse_connector,
     ("Secret", "v1"): parse_secret,
@@ -297,7 +297,7 @@ def parse_object(doc: Any) -> KubeObject | None:
     version = doc.get("apiVersion")
     if not isinstance(kind, str):
         raise InvalidObject(describe(doc), "kind", "is required")
-    parser = _PARSERS.get((kind, version))
+    parser = _PARSERS.get((kind, version)) if isinstance(version, str) else None
     if parser is None:
         if kind in ("ConnectorClass", "Connector") and version != API_VERSION:
             raise InvalidObject(describe(doc), "apiVersion", f"must be {API_VERSION}")

@@ -12,10 +12,11 @@ protocol module and passed in.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -48,7 +49,7 @@ log = Logger()
 # requests (50 wrk connections, 10 parallel layer pulls) reuses connections
 # instead of opening new ones each time.
 MAX_IDLE_PER_HOST = 64
-IDLE_TIMEOUT = 30.0
+IDLE_TIMEOUT = 30
 CONNECT_TIMEOUT = 10.0
 
 
@@ -129,8 +130,7 @@ class Agents:
             self._agents[key] = agent
         return agent
 
-    def close(self) -> Deferred[object]:
-        from twisted.internet.defer import gatherResults
+    def close(self) -> Deferred[list[Any]]:
         return gatherResults([pool.closeCachedConnections() for pool in self._pools])
 
 
@@ -220,6 +220,8 @@ class _ResponseRelay(Protocol):
     client slows the upstream read instead of filling memory.
     """
 
+    transport: Any  # the upstream connection, an IPushProducer
+
     def __init__(self, request: ProxyRequest, done: Deferred[int]) -> None:
         self.request = request
         self.done = done
@@ -288,6 +290,7 @@ async def read_body(response: IResponse, limit: int) -> bytes:
     done: Deferred[None] = Deferred()
 
     class Collect(Protocol):
+        transport: Any
         size = 0
 
         def dataReceived(self, data: bytes) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -127,6 +128,7 @@ class ProxyRequest(server.Request):
     available as L{body} (an L{IBodyProducer}) instead of C{content}.
     """
 
+    channel: Any
     body: RequestBody | None = None
     # The routed, authorized L{connectors_proxy.relay.Target}, set by the
     # root resource before a protocol resource renders the request.
@@ -255,6 +257,10 @@ _EMPTY = _EmptyContent()
 class ProxyChannel(http.HTTPChannel):
     """L{HTTPChannel} with early dispatch and a stricter, politer parser."""
 
+    # Twisted types these as ITransport | None and leaves site untyped; the
+    # channel only runs connected, over TCP or TLS transports.
+    transport: Any
+    site: Any
     _log = Logger()
     _seen_bytes = False
     _draining: int | None = None
@@ -380,7 +386,7 @@ class ProxyChannel(http.HTTPChannel):
         if opened is not None:
             opened(self)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_header_deadline()
         if self._drain_deadline is not None and self._drain_deadline.active():
             self._drain_deadline.cancel()

@@ -207,10 +207,12 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
     metrics = ProxyMetrics()
     reloader = drain.Reloader(notify=sdnotify.notify)
     store: Store
+    verifier: IIdentityVerifier
     if options["mode"] == "standalone":
         source: ManifestSource = options["source"]
         source.reactor = reactor
         source.setServiceParent(top)
+        assert source.tokens is not None  # loaded with the manifests, in postOptions
         store, verifier = source.store, source.tokens
         source.on_reload.append(lambda ok: metrics.reload("manifests", ok))
         metrics.track_source("manifests", lambda: source.last_success)
