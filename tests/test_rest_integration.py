@@ -14,6 +14,7 @@ import secrets
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
@@ -261,3 +262,32 @@ class RestThroughProxy(TestCase):
         # The proxy keeps serving.
         result = yield self.curl(self.proxy.path_url("default", "missing", "/x"), token=self.token)
         self.assertIn(b"HTTP/1.1 404", result.stdout)
+
+
+class ClientGoesAway(TestCase):
+    timeout = 120
+
+    @inlineCallbacks
+    def test_disconnect_cancels_upstream(self):  # type: ignore[no-untyped-def]
+        nginx = yield start_nginx(self)
+        with open(os.path.join(nginx.root, "open", "huge.bin"), "wb") as f:
+            f.truncate(512 * 1024 * 1024)
+        token = secrets.token_hex(8)
+        proxy = yield start_proxy(self, [connector_class("anon", optional=True),
+                                         connector("default", "open", "anon", nginx.url + "/open")],
+                                  {token: sa("default")})
+        # A slow client that gives up after a second.
+        result = yield run([*CURL, "-o", "/dev/null", "--limit-rate", "1M", "--max-time", "1",
+                            "-u", f"x:{token}", proxy.path_url("default", "open", "/huge.bin")])
+        self.assertEqual(result.returncode, 28)  # curl's "operation timed out"
+        # nginx logs the request when its connection ends: the proxy closed
+        # it long before the 512 MiB were sent.  (Wait with the reactor
+        # running: the in-process proxy is what has to act.)
+        for _ in range(100):
+            if nginx.requests():
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        [entry] = nginx.requests()
+        self.assertLess(entry.body_bytes_sent, 64 * 1024 * 1024)
+        [access] = proxy.logs.access()
+        self.assertLess(access["bytes_out"], 64 * 1024 * 1024)

@@ -25,7 +25,8 @@ from twisted.trial.unittest import TestCase
 from .procs import Server, free_port, require, start_server
 
 _LOG_FIELDS = ("request_method", "request_uri", "status", "http_authorization", "http_x_forwarded_for",
-               "http_x_forwarded_proto", "http_x_forwarded_host", "http_host", "request_length", "http_cookie")
+               "http_x_forwarded_proto", "http_x_forwarded_host", "http_host", "request_length", "http_cookie",
+               "body_bytes_sent")
 
 _CONF = """\
 user root;
@@ -97,6 +98,7 @@ class AccessEntry:
     host: str
     request_length: int
     cookie: str
+    body_bytes_sent: int
 
 
 @frozen
@@ -142,7 +144,8 @@ class Nginx:
                 fields = line.rstrip("\n").split("\t")
                 fields = ["" if v == "-" else v for v in fields]
                 entries.append(AccessEntry(fields[0], fields[1], int(fields[2]), fields[3], fields[4],
-                                           fields[5], fields[6], fields[7], int(fields[8] or 0), fields[9]))
+                                           fields[5], fields[6], fields[7], int(fields[8] or 0), fields[9],
+                                           int(fields[10] or 0)))
         return entries
 
     def set_password(self, password: str) -> None:
