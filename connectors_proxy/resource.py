@@ -21,6 +21,7 @@ from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -28,7 +29,7 @@ from . import accesslog, errors, limits
 from .credentials import CredentialsUnavailable, resolve
 from .identity import Presented, presented_token
 from .interfaces import Identity, IIdentityVerifier
-from .objects import Connector, ObjectRef
+from .objects import Connector, ObjectRef, Secret
 from .relay import Agents, Target, client_base, send_bytes, send_error
 from .routing import BadTarget, Route, route
 from .state import Snapshot, Store
@@ -91,6 +92,7 @@ class ConnectorsResource(Resource):
     observers: list[Callable[[ProxyRequest, accesslog.AccessRecord], None]] = field(factory=list)
     # Per-Connector concurrency limit (None: unlimited).
     limiter: limits.ConcurrencyLimiter | None = None
+    _agent_cache: dict[tuple[int, int], tuple[Secret | None, Secret | None, IAgent]] = field(factory=dict)
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
@@ -202,35 +204,51 @@ class ConnectorsResource(Resource):
             credentials = resolve(connector, connector_class, snapshot)
         except CredentialsUnavailable as e:
             raise errors.unavailable(e.message) from None
-        ca = cert = key = None
-        if connector.ca_secret_ref is not None:
-            secret = snapshot.secret(connector.ca_secret_ref)
-            if secret is None:
-                raise errors.unavailable(f"CA Secret {connector.ca_secret_ref} of Connector {connector.ref} not found")
-            try:
-                ca = load_ca_bundle(secret.data)
-            except ValueError as e:
-                raise errors.unavailable(f"CA Secret {connector.ca_secret_ref}: {e}") from None
-        if connector.client_cert_secret_ref is not None:
-            secret = snapshot.secret(connector.client_cert_secret_ref)
-            if secret is None:
-                raise errors.unavailable(
-                    f"client certificate Secret {connector.client_cert_secret_ref} of Connector "
-                    f"{connector.ref} not found"
-                )
-            try:
-                cert, key = load_client_certificate(secret.data)
-            except ValueError as e:
-                raise errors.unavailable(f"client certificate Secret {connector.client_cert_secret_ref}: {e}") from None
+        agent = self._agent(connector, snapshot)
         return Target(
             connector=connector,
             connector_class=connector_class,
             identity=identity,
             route=r,
             credentials=credentials,
-            agent=self.agents.agent(ca, cert, key),
+            agent=agent,
             client_base=client_base(request),
         )
+
+    def _agent(self, connector: Connector, snapshot: Snapshot) -> IAgent:
+        """
+        The agent for C{connector}'s TLS configuration (extra CA, client
+        certificate).  Parsing PEM is costly, so the answer is kept per pair
+        of Secret objects: a reload that changes a Secret makes a new object.
+        """
+        ca_secret = snapshot.secret(connector.ca_secret_ref)
+        cert_secret = snapshot.secret(connector.client_cert_secret_ref)
+        if connector.ca_secret_ref is not None and ca_secret is None:
+            raise errors.unavailable(f"CA Secret {connector.ca_secret_ref} of Connector {connector.ref} not found")
+        if connector.client_cert_secret_ref is not None and cert_secret is None:
+            raise errors.unavailable(
+                f"client certificate Secret {connector.client_cert_secret_ref} of Connector {connector.ref} not found"
+            )
+        key = (id(ca_secret), id(cert_secret))
+        cached = self._agent_cache.get(key)
+        if cached is not None and cached[0] is ca_secret and cached[1] is cert_secret:
+            return cached[2]
+        ca = cert = private_key = None
+        if ca_secret is not None:
+            try:
+                ca = load_ca_bundle(ca_secret.data)
+            except ValueError as e:
+                raise errors.unavailable(f"CA Secret {connector.ca_secret_ref}: {e}") from None
+        if cert_secret is not None:
+            try:
+                cert, private_key = load_client_certificate(cert_secret.data)
+            except ValueError as e:
+                raise errors.unavailable(f"client certificate Secret {connector.client_cert_secret_ref}: {e}") from None
+        agent = self.agents.agent(ca, cert, private_key)
+        if len(self._agent_cache) > 4096:
+            self._agent_cache.clear()
+        self._agent_cache[key] = (ca_secret, cert_secret, agent)
+        return agent
 
     def _finished(self, result: object, request: ProxyRequest, started: float,
                   context: Mapping[str, str]) -> None:
