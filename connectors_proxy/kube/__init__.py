@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kube_cluster -*-
+# -*- test-case-name: tests.test_kube_writer,tests.test_kube_e2e -*-
 """
 Cluster mode: everything that talks to the Kubernetes API server.
 
