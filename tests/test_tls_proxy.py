@@ -47,7 +47,7 @@ NS = "ns1"
 
 
 async def start_tls_proxy(test: TestCase, objects: list[dict[str, Any]],
-                          tokens: dict[str, str]) -> tuple[RunningProxy, Pki]:
+                          tokens: dict[str, str], **endpoint_options: str) -> tuple[RunningProxy, Pki]:
     """
     The proxy (as L{tests.support.proxy.start_proxy} builds it) served on a
     C{cptls:} listener whose CA mints the Connector certificates.
@@ -55,7 +55,7 @@ async def start_tls_proxy(test: TestCase, objects: list[dict[str, Any]],
     pki = Pki(test.mktemp(), time.time())
     store, verifier, logs = Store(), StaticTokens({}), capture_logs(test)
     site, root, agents = proxy_site(store, verifier, reactor)
-    port: Any = await serverFromString(reactor, pki.endpoint()).listen(site)
+    port: Any = await serverFromString(reactor, pki.endpoint(**endpoint_options)).listen(site)
     running = RunningProxy(port.getHost().port, store, verifier, logs, root)
     running.set_objects(objects)
     running.set_tokens(tokens)
@@ -288,3 +288,55 @@ class DaemonTests(TestCase):
 
     def test_listen_cptls(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._daemon())
+
+
+class ClientCertificateIdentity(TestCase):
+    """
+    With C{clientCA=}, a verified client certificate is an identity of its
+    own (CN the user, O the groups): no token needed, authorization the same.
+    """
+
+    timeout = 60
+
+    async def _identity(self) -> None:
+        curl = require("curl")
+        upstream = Upstream()
+        port = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        clients = CertificateAuthority.generate("workload clients", time.time())
+        paths = {"clients-ca.crt": clients.cert_pem()}
+        for who, ns in (("mine", NS), ("theirs", "other")):
+            leaf = clients.mint([], time.time(), client=True, common_name=sa(ns),
+                                organizations=["system:serviceaccounts"])
+            paths[f"{who}.crt"], paths[f"{who}.key"] = leaf.cert_pem(), leaf.key_pem()
+        for name, data in paths.items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(data)
+        password = secrets.token_hex(16)
+        proxy, pki = await start_tls_proxy(self, [
+            connector_class("rest"),
+            connector(NS, "api", "rest", f"http://127.0.0.1:{port.getHost().port}", secret="creds"),
+            basic_secret(NS, "creds", "robot", password),
+        ], {}, clientCA=os.path.join(folder, "clients-ca.crt"))
+        host = f"c-api.{NS}.svc.cluster.local"
+
+        async def get(*cert: str) -> int:
+            result = check(await run([curl, "-sS", "--max-time", "20", "--cacert", pki.path("ca.crt"),
+                                      "--resolve", f"{host}:{proxy.port}:127.0.0.1", *cert,
+                                      "-o", "/dev/null", "-w", "%{http_code}", f"https://{host}:{proxy.port}/x"]))
+            return int(result.stdout)
+
+        mine = ["--cert", os.path.join(folder, "mine.crt"), "--key", os.path.join(folder, "mine.key")]
+        theirs = ["--cert", os.path.join(folder, "theirs.crt"), "--key", os.path.join(folder, "theirs.key")]
+        self.assertEqual(await get(*mine), 200)
+        self.assertEqual(await get(*theirs), 403)
+        self.assertEqual(await get(), 401)
+        self.assertEqual(len(upstream.seen), 1)
+        [access] = [a for a in proxy.logs.access() if a["status"] == 200]
+        self.assertEqual(access["identity"], sa(NS))
+        self.assertNotIn(password, proxy.logs.text())
+
+    def test_certificate_identity(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._identity())
