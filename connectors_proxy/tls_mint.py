@@ -50,6 +50,17 @@ def _key_pem(key: PrivateKeyTypes) -> bytes:
     )
 
 
+def load_private_key(key_pem: bytes, what: str) -> PrivateKeyTypes:
+    """
+    The private key in C{key_pem}.  Raise L{ValueError} saying that C{what}
+    (C{"CA key"}) is not an unencrypted PEM private key when it is not one.
+    """
+    try:
+        return serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} is not an unencrypted PEM private key ({e})") from None
+
+
 def _san_entry(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
@@ -120,10 +131,7 @@ class CertificateAuthority:
             certificate = x509.load_pem_x509_certificate(cert_pem)
         except ValueError as e:
             raise ValueError(f"CA certificate is not a PEM certificate ({e})") from None
-        try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"CA key is not an unencrypted PEM private key ({e})") from None
+        key = load_private_key(key_pem, "CA key")
         if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey,
                                 ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
             raise ValueError(  # noqa: TRY004 - a user-facing configuration error

@@ -28,7 +28,6 @@ from collections.abc import Callable, Sequence
 
 from attrs import field, frozen
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.defer import Deferred
@@ -49,7 +48,7 @@ from zope.interface import implementer
 
 from connectors_proxy.interfaces import Identity
 from connectors_proxy.routing import host_connector
-from connectors_proxy.tls_mint import LEAF_LIFETIME, CertificateAuthority, Leaf, LeafCache
+from connectors_proxy.tls_mint import LEAF_LIFETIME, CertificateAuthority, Leaf, LeafCache, load_private_key
 
 log = Logger()
 
@@ -115,10 +114,7 @@ def _load_pair(cert_pem: bytes, key_pem: bytes, what: str) -> Leaf:
         certs = x509.load_pem_x509_certificates(cert_pem)
     except ValueError as e:
         raise ValueError(f"{what}: no valid PEM certificate ({e})") from None
-    try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{what}: private key is not an unencrypted PEM key ({e})") from None
+    key = load_private_key(key_pem, f"{what}: the private key")
     if key.public_key() != certs[0].public_key():
         raise ValueError(f"{what}: the private key does not belong to the certificate")
     return Leaf(certs[0], key, tuple(certs[1:]))

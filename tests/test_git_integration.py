@@ -119,6 +119,19 @@ class GitSetup:
         env["GIT_TRACE_CURL"] = os.path.join(home, "curl-trace")
         return home, env
 
+    async def clone(self, mode: str = "path", csi_style: bool = False, **env_extra: str
+                    ) -> tuple[str, dict[str, str]]:
+        """
+        Clone the repository through the proxy (see L{home} for C{mode} and
+        C{csi_style}) with C{env_extra} in git's environment.  Returns the
+        clone's directory and that environment, for more git commands.
+        """
+        home, env = self.home(mode, csi_style=csi_style)
+        env.update(env_extra)
+        dest = os.path.join(home, "clone")
+        await self.git(env, "clone", self.upstream_url(), dest)
+        return dest, env
+
     async def git(self, env: dict[str, str], *args: str, ok: bool = True,
                   cwd: str | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run git; keep all it printed and traced for the secret checks."""
@@ -212,9 +225,7 @@ class CloneFetchTests(TestCase):
         """Host mode through http.proxy (absolute-form targets); gzip request bodies."""
         async def go() -> None:
             s = await setup(self)
-            home, env = s.home("http-proxy")
-            dest = os.path.join(home, "clone")
-            await s.git(env, "clone", s.upstream_url(), dest)
+            dest, env = await s.clone("http-proxy")
             # Enough local history, dated after everything upstream so git
             # offers it first, that a negotiation request is over 1 KiB,
             # which git sends gzip-compressed.
@@ -237,9 +248,7 @@ class CloneFetchTests(TestCase):
         """Host: c-NAME.NS.svc.cluster.local, the .gitconfig exactly as the CSI driver mounts it."""
         async def go() -> None:
             s = await setup(self)
-            home, env = s.home("host", csi_style=True)
-            dest = os.path.join(home, "clone")
-            await s.git(env, "clone", s.upstream_url(), dest)
+            dest, env = await s.clone("host", csi_style=True)
             self.assertEqual(_read(os.path.join(dest, "README.md")), b"# fixture\n")
             self.assertTrue(_via_proxy(s.server.requests()))
             s.assert_no_secret()
@@ -249,10 +258,7 @@ class CloneFetchTests(TestCase):
         async def go() -> None:
             s = await setup(self)
             await s.server.update_server_info(REPO)
-            home, env = s.home("path")
-            env["GIT_SMART_HTTP"] = "0"
-            dest = os.path.join(home, "clone")
-            await s.git(env, "clone", s.upstream_url(), dest)
+            dest, env = await s.clone("path", GIT_SMART_HTTP="0")
             self.assertEqual(_read(os.path.join(dest, "README.md")), b"# fixture\n")
             uris = {e.request_uri for e in s.server.requests()}
             self.assertIn(f"/{REPO}.git/info/refs", uris)
@@ -267,10 +273,7 @@ class PushTests(TestCase):
     def test_push_with_20_mib_binary(self) -> Deferred[None]:
         async def go() -> None:
             s = await setup(self)
-            home, env = s.home("path")
-            env["GIT_TRACE_CURL_NO_DATA"] = "1"
-            dest = os.path.join(home, "clone")
-            await s.git(env, "clone", s.upstream_url(), dest)
+            dest, env = await s.clone("path", GIT_TRACE_CURL_NO_DATA="1")
             blob = os.urandom(20 * MiB)
             with open(os.path.join(dest, "big.bin"), "wb") as f:
                 f.write(blob)
@@ -302,9 +305,7 @@ class PushTests(TestCase):
     def test_push_rejected_by_server_hook(self) -> Deferred[None]:
         async def go() -> None:
             s = await setup(self)
-            home, env = s.home("path")
-            dest = os.path.join(home, "clone")
-            await s.git(env, "clone", s.upstream_url(), dest)
+            dest, env = await s.clone("path")
             pushed = await s.git(env, "-C", dest, "push", "origin", "main:protected", ok=False)
             self.assertNotEqual(pushed.returncode, 0)
             stderr = pushed.stderr.decode()
@@ -321,10 +322,7 @@ class PushTests(TestCase):
         """
         async def go() -> None:
             s = await setup(self)
-            home, env = s.home("path")
-            env["GIT_TRACE_CURL_NO_DATA"] = "1"
-            dest = os.path.join(home, "clone")
-            await s.git(env, "clone", s.upstream_url(), dest)
+            dest, env = await s.clone("path", GIT_TRACE_CURL_NO_DATA="1")
             # Random data does not compress: spare the client's CPU (CI has two cores).
             await s.git(env, "-C", dest, "config", "core.compression", "0")
             with open(os.path.join(dest, "huge.bin"), "wb") as f:

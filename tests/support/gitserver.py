@@ -38,6 +38,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from .nginx import start_nginx_server
 from .procs import Server, check, free_port, require, run, start_server
 
 GIT_HTTP_BACKEND = "/usr/lib/git-core/git-http-backend"
@@ -50,22 +51,8 @@ _LOG_FIELDS = (
     "http_content_length", "request_length", "http_x_forwarded_for", "http_host",
 )
 
-_NGINX_CONF = """\
-user root;
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    client_body_temp_path {tmp}/client_body;
-    fastcgi_temp_path {tmp}/fastcgi;
-    proxy_temp_path {tmp}/proxy;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    log_format tsv '{log_format}';
-    access_log {access_log} tsv;
-    client_max_body_size 0;
+# Inside the http block (see L{start_nginx_server}).
+_NGINX_HTTP = """\
     server {{
         listen 127.0.0.1:{port};
         server_name localhost;
@@ -84,7 +71,6 @@ http {{
             fastcgi_buffering off;
         }}
     }}
-}}
 """
 
 _LFS_LOCATION = """\
@@ -277,7 +263,7 @@ def start_git_server(test: TestCase, lfs: bool = False) -> Deferred[GitServer]:
 
 
 async def _start(test: TestCase, lfs: bool) -> GitServer:
-    nginx_bin = require("nginx")
+    require("nginx")
     fcgiwrap_bin = require("fcgiwrap")
     htpasswd_bin = require("htpasswd")
     require("git")
@@ -286,8 +272,7 @@ async def _start(test: TestCase, lfs: bool) -> GitServer:
 
     tmp = os.path.abspath(test.mktemp())
     root = os.path.join(tmp, "repos")
-    for sub in ("repos", "client_body", "fastcgi", "proxy", "uwsgi", "scgi"):
-        os.makedirs(os.path.join(tmp, sub))
+    os.makedirs(root)
     username = "git-" + secrets.token_hex(4)
     password = "canary-" + secrets.token_hex(16)
     htpasswd = os.path.join(tmp, "htpasswd")
@@ -317,16 +302,11 @@ async def _start(test: TestCase, lfs: bool) -> GitServer:
         lfs_location = _LFS_LOCATION.format(lfs_port=listening.getHost().port)  # type: ignore[attr-defined]
 
     access_log = os.path.join(tmp, "access.log")
-    conf = os.path.join(tmp, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(_NGINX_CONF.format(
-            tmp=tmp, port=port, htpasswd=htpasswd, socket=socket_path, backend=GIT_HTTP_BACKEND,
-            root=root, access_log=access_log, lfs_location=lfs_location,
-            log_format="\\t".join("$" + name for name in _LOG_FIELDS),
-        ))
     open(access_log, "w").close()
-    nginx = await start_server(test, [nginx_bin, "-c", conf, "-p", tmp, "-e", os.path.join(tmp, "error.log")],
-                               port=port, name="nginx")
+    nginx = await start_nginx_server(test, tmp, port, _LOG_FIELDS, _NGINX_HTTP.format(
+        port=port, htpasswd=htpasswd, socket=socket_path, backend=GIT_HTTP_BACKEND, root=root,
+        lfs_location=lfs_location,
+    ))
     return GitServer(
         test=test, base_url=base_url, port=port, username=username, password=password, root=root,
         access_log=access_log, hook_marker="hook-" + secrets.token_hex(6), nginx=nginx,

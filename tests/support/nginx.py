@@ -8,6 +8,9 @@ A real nginx REST upstream for tests, on a free loopback port:
 - C{/basic/redirect-abs}, C{/basic/redirect-rel}: redirects back into C{/basic/};
 - an access log of every request with the C{Authorization} header it carried,
   so a test can prove what the upstream saw (or that it saw nothing).
+
+L{start_nginx_server} writes the part of nginx.conf every nginx fixture
+shares (this one and the Git server's) and starts nginx.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import base64
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -28,7 +31,11 @@ _LOG_FIELDS = ("request_method", "request_uri", "status", "http_authorization", 
                "http_x_forwarded_proto", "http_x_forwarded_host", "http_host", "request_length", "http_cookie",
                "body_bytes_sent")
 
-_CONF = """\
+# The top of every fixture's nginx.conf: one worker in the foreground, as
+# root (the tests and CI run as root), with every file nginx writes under the
+# fixture's directory, an access log of tab-separated fields, and request
+# bodies of any size.  The fixture's own directives follow, inside C{http}.
+_PREAMBLE = """\
 user root;
 worker_processes 1;
 daemon off;
@@ -36,7 +43,7 @@ pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
-    client_body_temp_path {tmp}/body;
+    client_body_temp_path {tmp}/client_body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
@@ -44,6 +51,9 @@ http {{
     log_format tsv '{log_format}';
     access_log {tmp}/access.log tsv;
     client_max_body_size 0;
+"""
+
+_HTTP = """\
     keepalive_requests 100000;
     types {{ application/octet-stream bin; text/plain txt; application/json json; }}
     server {{
@@ -82,7 +92,6 @@ http {{
             }}
         }}
     }}
-}}
 """
 
 
@@ -167,6 +176,24 @@ def _crypt_apr1(password: str) -> str:
     return out.stdout.decode().strip().split(":", 1)[1]
 
 
+def start_nginx_server(test: TestCase, tmp: str, port: int, log_fields: Sequence[str], http: str
+                       ) -> Deferred[Server]:
+    """
+    Write C{tmp}/nginx.conf (the common preamble, then C{http}: the
+    fixture's directives inside the C{http} block) and start nginx with it
+    for C{test}, listening on C{port}; it logs each request to
+    C{tmp}/access.log as the C{log_fields} nginx variables, tab-separated.
+    """
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(_PREAMBLE.format(tmp=tmp, log_format="\\t".join("$" + name for name in log_fields)))
+        f.write(http + "}\n")
+    # -e: errors before nginx has read the configuration go there too, not
+    # to the system's log.
+    return start_server(test, [require("nginx"), "-c", conf, "-p", tmp, "-e", os.path.join(tmp, "error.log")],
+                        port=port, name="nginx")
+
+
 async def _start(test: TestCase, files: Mapping[str, bytes]) -> Nginx:
     tmp = os.path.abspath(test.mktemp())
     root = os.path.join(tmp, "www")
@@ -177,16 +204,13 @@ async def _start(test: TestCase, files: Mapping[str, bytes]) -> Nginx:
     os.makedirs(tmp, exist_ok=True)
     with open(os.path.join(tmp, "htpasswd"), "w") as f:
         f.write(f"{username}:{_crypt_apr1(password)}\n")
-    with open(os.path.join(tmp, "nginx.conf"), "w") as f:
-        f.write(_CONF.format(tmp=tmp, root=root, port=port, bearer=bearer,
-                             log_format="\\t".join("$" + name for name in _LOG_FIELDS)))
     nginx = Nginx(None, port, root, tmp, username, password, bearer)  # type: ignore[arg-type]
     for sub in ("basic", "bearer", "open"):
         nginx.write_file(f"{sub}/small.txt", b"hello from " + sub.encode() + b"\n")
         for name, data in files.items():
             nginx.write_file(f"{sub}/{name}", data)
-    server = await start_server(test, [require("nginx"), "-c", os.path.join(tmp, "nginx.conf"), "-p", tmp],
-                                port=port, name="nginx")
+    server = await start_nginx_server(test, tmp, port, _LOG_FIELDS,
+                                      _HTTP.format(tmp=tmp, root=root, port=port, bearer=bearer))
     return Nginx(server, port, root, tmp, username, password, bearer)
 
 
