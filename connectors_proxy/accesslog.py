@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from attrs import asdict, frozen
+from attrs import frozen
 from twisted.logger import Logger
 
 # Query parameters whose values are never logged.
@@ -61,5 +61,11 @@ class AccessRecord:
     duration_ms: float
 
 
+_FIELDS = tuple(a.name for a in AccessRecord.__attrs_attrs__)  # type: ignore[attr-defined]
+
+
 def emit(record: AccessRecord) -> None:
-    log.info(ACCESS_FORMAT, access=True, **asdict(record))
+    fields = {name: getattr(record, name) for name in _FIELDS}
+    # Formatted here once with str.format (C code); the observers use it
+    # instead of twisted.logger's pure-Python formatter.
+    log.info(ACCESS_FORMAT, access=True, access_text=ACCESS_FORMAT.format(**fields), **fields)

@@ -107,6 +107,15 @@ class ConcurrencyLimiter:
     def lanes(self) -> Iterator[tuple[Hashable, Lane]]:
         return iter(list(self._lanes.items()))
 
+    def try_acquire(self, key: Hashable) -> Permit | None:
+        """A L{Permit} at once when the lane has room (no Deferred), else C{None}."""
+        lane = self.lane(key)
+        if self.max_active <= 0 or (lane.active < self.max_active and not lane.waiting):
+            lane.active += 1
+            lane.admitted += 1
+            return Permit(self, lane)
+        return None
+
     def acquire(self, key: Hashable) -> Deferred[Permit]:
         """
         A L{Permit} for C{key}: at once when the lane has room, later (in

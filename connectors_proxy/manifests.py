@@ -110,6 +110,14 @@ def load(paths: Sequence[str], read: Callable[[str], bytes] | None = None) -> tu
     return Snapshot.of(objects), digest.digest()
 
 
+def _digest_only(paths: Sequence[str]) -> bytes:
+    """The digest L{load} would return, without parsing anything."""
+    digest = hashlib.sha256()
+    for path in manifest_files(paths):
+        digest.update(path.encode() + b"\0" + hashlib.sha256(_read(path)).digest())
+    return digest.digest()
+
+
 def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
@@ -176,7 +184,10 @@ class ManifestSource(Service):
 
     def poll(self) -> None:
         try:
-            snapshot, digest = load(self.paths)
+            if _digest_only(self.paths) == self._digest:
+                digest = self._digest
+            else:
+                snapshot, digest = load(self.paths)
             if digest != self._digest:
                 self._digest = digest
                 for warning in warnings(snapshot):

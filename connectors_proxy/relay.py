@@ -11,6 +11,7 @@ protocol module and passed in.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,16 +24,19 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     HTTPConnectionPool,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
     _HTTP11ClientFactory,
+    _StandardEndpointFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 from .credentials import Credentials
 from .errors import ProxyError, bad_gateway, error_response
@@ -97,6 +101,30 @@ def client_base(request: ProxyRequest) -> bytes:
     return scheme + b"://" + host
 
 
+@implementer(IAgentEndpointFactory)
+class _CachingEndpointFactory:
+    """
+    Agent builds a new endpoint for every request (parsing and
+    IDNA-encoding the host each time); endpoints are reusable, so keep one
+    per origin.  Bounded: redirects may name any host.
+    """
+
+    MAX = 1024
+
+    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self._inner = _StandardEndpointFactory(reactor, policy, connect_timeout, None)
+        self._cache: dict[tuple[bytes, bytes, int], Any] = {}
+
+    def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            if len(self._cache) >= self.MAX:
+                self._cache.clear()
+            endpoint = self._cache[key] = self._inner.endpointForURI(uri)
+        return endpoint
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One "Starting factory" line per upstream connection is noise.
     noisy = False
@@ -125,8 +153,9 @@ class Agents:
             pool.maxPersistentPerHost = MAX_IDLE_PER_HOST
             pool.cachedConnectionTimeout = IDLE_TIMEOUT
             self._pools.append(pool)
-            agent = Agent(self.reactor, contextFactory=self.policy_for(ca_pem, cert_pem, key_pem),
-                          pool=pool, connectTimeout=CONNECT_TIMEOUT)
+            agent = Agent.usingEndpointFactory(
+                self.reactor, _CachingEndpointFactory(self.reactor, self.policy_for(ca_pem, cert_pem, key_pem),
+                                                      CONNECT_TIMEOUT), pool=pool)
             self._agents[key] = agent
         return agent
 
@@ -146,6 +175,22 @@ def request_headers(request: ProxyRequest, target: Target) -> Headers:
     if target.credentials is not None:
         headers.setRawHeaders(b"Authorization", [target.credentials.authorization()])
     return headers
+
+
+def host_header(url: bytes) -> bytes:
+    """The Host header Agent would send for C{url}."""
+    start = url.find(b"://") + 3
+    end = min((i for i in (url.find(b"/", start), url.find(b"?", start)) if i >= 0), default=len(url))
+    return _host_for_origin(url[:end])
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_for_origin(origin: bytes) -> bytes:
+    uri = URI.fromBytes(origin + b"/")
+    host = b"[" + uri.host + b"]" if b":" in uri.host else uri.host
+    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
+        return host
+    return b"%b:%d" % (host, uri.port)
 
 
 def describe_failure(reason: Failure, target: Target) -> str:
@@ -173,6 +218,9 @@ async def send(target: Target, method: bytes, url: bytes, headers: Headers,
     cancels it.  Failures to reach the upstream become a 502 L{ProxyError}
     whose message says why, naming no credential.
     """
+    if not headers.hasHeader(b"host"):
+        # Agent would copy every header (re-validating each) just to add Host.
+        headers.setRawHeaders(b"Host", [host_header(url)])
     d = target.agent.request(method, url, headers, body)
     if request is not None:
         cancel = _on_disconnect(request, d.cancel)
@@ -252,8 +300,12 @@ async def stream_response(request: ProxyRequest, response: IResponse, headers: H
     the upstream response is abandoned (its connection closed).
     """
     request.setResponseCode(code or response.code, response.phrase)
-    for name, values in headers.getAllRawHeaders():
-        request.responseHeaders.setRawHeaders(name, list(values))
+    # The relay's headers become the response's (validated once, when they
+    # were built), keeping what was already set on the request (Server, Date).
+    for name, values in request.responseHeaders.getAllRawHeaders():
+        if not headers.hasHeader(name):
+            headers.setRawHeaders(name, list(values))
+    request.responseHeaders = headers
     if request.method == b"HEAD" or response.code == 304:
         # No body follows, but the client wants the size of the one it would get.
         length_header = response.headers.getRawHeaders(b"content-length")

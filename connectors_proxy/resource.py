@@ -124,7 +124,17 @@ class ConnectorsResource(Resource):
             if resource is None:
                 raise errors.unavailable(f"protocol {target.connector_class.protocol!r} is not served here")
             if self.limiter is not None:
-                await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref))
+                permit = self.limiter.try_acquire(target.connector.ref)
+                if permit is not None:
+                    request.notifyFinish().addBoth(lambda _: permit.release())
+                else:
+                    await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref))
+            serve = getattr(resource, "serve", None)
+            if serve is not None:
+                # One coroutine chain per request, not a second one started
+                # from render().
+                await serve(request)
+                return
             result = resource.render(request)
             if result is not NOT_DONE_YET:
                 request.write(result)

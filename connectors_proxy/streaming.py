@@ -20,6 +20,7 @@ bounded drain (so the client sees the answer rather than a reset).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -167,6 +168,25 @@ class ProxyRequest(server.Request):
         self._set_line(command, path, version)
         self.process()
 
+    def process(self) -> None:
+        # server.Request.process, minus what a leaf root never needs: path
+        # segments unquoted into postpath, resource traversal, a Date
+        # header formatted anew for every request.
+        site = self.channel.site  # type: ignore[attr-defined]
+        root = site.resource
+        if not getattr(root, "isLeaf", False):
+            return super().process()  # type: ignore[no-any-return]
+        self.site = site
+        self.setHeader(b"Server", _SERVER)
+        self.setHeader(b"Date", _date_header())
+        self.prepath = []
+        self.postpath = []
+        try:
+            self.render(root)
+        except BaseException:
+            self.processingFailed(Failure())
+        return None
+
     def _set_line(self, command: bytes, path: bytes, version: bytes) -> None:
         self.method, self.uri, self.clientproto = command, path, version
         self.path, _, query = path.partition(b"?")
@@ -235,6 +255,17 @@ class ProxyRequest(server.Request):
         return reason  # type: ignore[return-value]
 
 
+_SERVER = server.version
+_date_cache: list[Any] = [0, b""]
+
+
+def _date_header() -> bytes:
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, http.datetimeToString(now)
+    return _date_cache[1]  # type: ignore[no-any-return]
+
+
 class _EmptyContent:
     """A read-only empty body file shared by all requests."""
 
@@ -266,11 +297,27 @@ class ProxyChannel(http.HTTPChannel):
     _draining: int | None = None
     _refused = False
     _header_deadline: IDelayedCall | None = None
+    _awaiting_headers = False
     _drain_deadline: IDelayedCall | None = None
 
     @property
     def _clock(self) -> IReactorTime:
         return self.site.reactor  # type: ignore[no-any-return]
+
+    _host_address: Any = None
+    _secure: bool | None = None
+
+    def getHost(self) -> Any:
+        # Request.__init__ asks for every request; it is a syscall each time.
+        if self._host_address is None:
+            self._host_address = super().getHost()
+        return self._host_address
+
+    def isSecure(self) -> bool:
+        # A zope adaptation each call; constant for the connection.
+        if self._secure is None:
+            self._secure = super().isSecure()
+        return self._secure
 
     def dataReceived(self, data: bytes) -> None:
         if self._draining is not None:
@@ -293,8 +340,14 @@ class ProxyChannel(http.HTTPChannel):
         if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
             self._refuse(431, b"Request Header Fields Too Large")
             return
-        if self._header_deadline is None:
-            self._header_deadline = self._clock.callLater(HEADER_SECONDS, self._headers_too_slow)
+        if not self._awaiting_headers:
+            # One timer per connection, pushed later for each request (a
+            # cheap reset) instead of a new callLater and cancel per request.
+            self._awaiting_headers = True
+            if self._header_deadline is not None and self._header_deadline.active():
+                self._header_deadline.reset(HEADER_SECONDS)
+            else:
+                self._header_deadline = self._clock.callLater(HEADER_SECONDS, self._headers_too_slow)
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -307,9 +360,15 @@ class ProxyChannel(http.HTTPChannel):
 
     def _headers_too_slow(self) -> None:
         self._header_deadline = None
-        self._refuse(408, b"Request Timeout")
+        if self._awaiting_headers:
+            self._refuse(408, b"Request Timeout")
 
     def _cancel_header_deadline(self) -> None:
+        # Disarmed, not cancelled: the next request re-arms it cheaply.
+        self._awaiting_headers = False
+
+    def _stop_header_deadline(self) -> None:
+        self._awaiting_headers = False
         if self._header_deadline is not None and self._header_deadline.active():
             self._header_deadline.cancel()
         self._header_deadline = None
@@ -387,7 +446,7 @@ class ProxyChannel(http.HTTPChannel):
             opened(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancel_header_deadline()
+        self._stop_header_deadline()
         if self._drain_deadline is not None and self._drain_deadline.active():
             self._drain_deadline.cancel()
         closed = getattr(self.site, "channel_closed", None)  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ async def serve(request: ProxyRequest, oci_errors: bool = False) -> None:
 
 class RestResource(Resource):
     isLeaf = True
+    serve = staticmethod(serve)
 
     def render(self, request: ProxyRequest) -> Any:  # type: ignore[override]
         Deferred.fromCoroutine(serve(request))
