@@ -8,13 +8,19 @@ depending on C{--log-format}.
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote_to_bytes
 
 from attrs import frozen
 from twisted.logger import Logger
 
-# Query parameters whose values are never logged.
-SECRET_PARAMETERS = frozenset({"token", "access_token", "password", "secret"})
-_PARAM = re.compile(rb"([^&=]*)=([^&]*)")
+# Query parameters whose values are never logged: the SPEC's four, and the
+# names common tools use for the same thing.
+SECRET_PARAMETERS = frozenset({
+    "token", "access_token", "password", "secret", "refresh_token", "id_token", "private_token",
+    "client_secret", "api_key", "apikey", "sig", "signature", "x-amz-signature", "x-amz-credential",
+    "x-amz-security-token",
+})
+_PARAM = re.compile(rb"([^&;=]*)=([^&;]*)")
 
 log = Logger(namespace="connectors_proxy.access")
 
@@ -34,10 +40,8 @@ def redact_target(target: bytes) -> str:
     if sep:
         def redact(match: re.Match[bytes]) -> bytes:
             name = match.group(1)
-            try:
-                key = name.decode("ascii").lower()
-            except UnicodeDecodeError:
-                key = ""
+            # Upstreams decode "%74oken" as "token": so does the check.
+            key = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8", "replace").strip().lower()
             if key in SECRET_PARAMETERS:
                 return name + b"=REDACTED"
             return match.group(0)

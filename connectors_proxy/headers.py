@@ -21,8 +21,10 @@ HOP_BY_HOP = frozenset({
 # Kubernetes token, not the tool's), and the framing Agent writes itself.
 _NOT_UPSTREAM = frozenset({b"authorization", b"host", b"content-length", b"expect"})
 
-# Never copied back to the client: framing Twisted writes itself.
-_NOT_DOWNSTREAM = frozenset({b"content-length", b"date", b"server"})
+# Never copied back to the client: framing Twisted writes itself, and
+# upstream session cookies: a session opened with the Connector's
+# credentials is a credential too, and would outlive the client's token.
+_NOT_DOWNSTREAM = frozenset({b"content-length", b"date", b"server", b"set-cookie", b"set-cookie2"})
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:

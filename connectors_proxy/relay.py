@@ -72,6 +72,10 @@ class Target:
     credentials: Credentials | None = field(repr=False)
     agent: IAgent = field(repr=False)
     client_base: bytes
+    # For origins other than the Connector's (blob storage a registry
+    # redirects to): the Connector's CA is trusted, but its client
+    # certificate is not presented there.
+    foreign_agent: IAgent | None = field(default=None, repr=False)
 
     @property
     def upstream_base(self) -> bytes:

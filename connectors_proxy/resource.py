@@ -92,7 +92,8 @@ class ConnectorsResource(Resource):
     observers: list[Callable[[ProxyRequest, accesslog.AccessRecord], None]] = field(factory=list)
     # Per-Connector concurrency limit (None: unlimited).
     limiter: limits.ConcurrencyLimiter | None = None
-    _agent_cache: dict[tuple[int, int], tuple[Secret | None, Secret | None, IAgent]] = field(factory=dict)
+    _agent_cache: dict[tuple[int, int], tuple[Secret | None, Secret | None, tuple[IAgent, IAgent]]] = field(
+        factory=dict)
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
@@ -142,7 +143,7 @@ class ConnectorsResource(Resource):
         except errors.ProxyError as e:
             send_error(request, e, oci)
         except Exception:
-            log.failure("routing {uri!r} failed", uri=request.uri)
+            log.failure("routing {uri} failed", uri=accesslog.redact_target(request.uri))
             send_error(request, errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)"), oci)
 
     async def _authenticate(self, request: ProxyRequest) -> tuple[Identity, Presented | None]:
@@ -214,7 +215,7 @@ class ConnectorsResource(Resource):
             credentials = resolve(connector, connector_class, snapshot)
         except CredentialsUnavailable as e:
             raise errors.unavailable(e.message) from None
-        agent = self._agent(connector, snapshot)
+        agent, foreign_agent = self._agent(connector, snapshot)
         return Target(
             connector=connector,
             connector_class=connector_class,
@@ -222,13 +223,15 @@ class ConnectorsResource(Resource):
             route=r,
             credentials=credentials,
             agent=agent,
+            foreign_agent=foreign_agent,
             client_base=client_base(request),
         )
 
-    def _agent(self, connector: Connector, snapshot: Snapshot) -> IAgent:
+    def _agent(self, connector: Connector, snapshot: Snapshot) -> tuple[IAgent, IAgent]:
         """
-        The agent for C{connector}'s TLS configuration (extra CA, client
-        certificate).  Parsing PEM is costly, so the answer is kept per pair
+        The agents for C{connector}'s TLS configuration (extra CA, client
+        certificate): one for its address, one without the client
+        certificate for other origins.  Parsing PEM is costly, so the answer is kept per pair
         of Secret objects: a reload that changes a Secret makes a new object.
         """
         ca_secret = snapshot.secret(connector.ca_secret_ref)
@@ -254,11 +257,11 @@ class ConnectorsResource(Resource):
                 cert, private_key = load_client_certificate(cert_secret.data)
             except ValueError as e:
                 raise errors.unavailable(f"client certificate Secret {connector.client_cert_secret_ref}: {e}") from None
-        agent = self.agents.agent(ca, cert, private_key)
+        agents = (self.agents.agent(ca, cert, private_key), self.agents.agent(ca))
         if len(self._agent_cache) > 4096:
             self._agent_cache.clear()
-        self._agent_cache[key] = (ca_secret, cert_secret, agent)
-        return agent
+        self._agent_cache[key] = (ca_secret, cert_secret, agents)
+        return agents
 
     def _finished(self, result: object, request: ProxyRequest, started: float,
                   context: Mapping[str, str]) -> None:

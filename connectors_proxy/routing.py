@@ -12,7 +12,7 @@ whose paths start with C{/v2/}, C{/v2/namespaces/NS/connectors/NAME/REPO...}).
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from attrs import frozen
 
@@ -76,6 +76,12 @@ def split_target(target: bytes) -> tuple[bytes | None, bytes]:
             path = b"/" + path
         if origin[scheme_end:] == b"" or b"@" in origin[scheme_end:]:
             raise BadTarget("absolute-form target has no host, or carries credentials")
+        try:
+            port = urlsplit(origin.decode("latin-1")).port
+        except ValueError:
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise BadTarget("absolute-form target has an invalid host or port")
         return origin, path
     if target == b"*" or not target.startswith(b"/"):
         raise BadTarget("request target must be a path starting with '/' or an absolute http URL")
@@ -118,7 +124,9 @@ def check_rest(rest: bytes) -> None:
                 break
             decoded = more
         for part in re.split(rb"[/\\]", decoded):
-            if part in (b".", b".."):
+            # Servlet containers drop ";params" from a segment before
+            # resolving it, so "..;x" climbs like "..".
+            if part.split(b";", 1)[0] in (b".", b".."):
                 raise BadTarget("path contains a '.' or '..' segment (also when percent-encoded)")
         if b"\x00" in decoded:
             raise BadTarget("path contains a NUL byte")
@@ -139,18 +147,18 @@ def route(target: bytes, host: bytes | None, cluster_domain: str) -> Route:
     if origin is not None:
         check_rest(path)
         return Route(None, None, path, origin=origin)
-    oci = _OCI_PATH_ROUTE.match(path)
+    bare, mark, query = path.partition(b"?")
+    oci = _OCI_PATH_ROUTE.match(bare)
     if oci is not None:
-        rest = b"/v2" + (oci.group(3) or b"/")
+        rest = b"/v2" + (oci.group(3) or b"/") + mark + query
         check_rest(rest)
-        prefix = path[: len(path) - len(rest) + len(b"/v2")]
         return Route(oci.group(1).decode(), oci.group(2).decode(), rest,
-                     client_prefix=prefix, oci_path=True)
-    by_path = _PATH_ROUTE.match(path)
+                     client_prefix=bare[: oci.end(2)], oci_path=True)
+    by_path = _PATH_ROUTE.match(bare)
     if by_path is not None:
-        rest = by_path.group(3) or b""
+        rest = (by_path.group(3) or b"") + mark + query
         check_rest(rest)
         return Route(by_path.group(1).decode(), by_path.group(2).decode(), rest,
-                     client_prefix=path[: len(path) - len(rest)])
+                     client_prefix=bare[: by_path.end(2)])
     check_rest(path)
     return Route(None, None, path)

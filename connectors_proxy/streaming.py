@@ -32,6 +32,8 @@ from twisted.web import http, server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from .accesslog import redact_target
+
 # How long, and how much, a refused request's unread body is drained before
 # the connection is cut.  Bounded: the proxy never swallows a large
 # unauthenticated body.
@@ -42,7 +44,9 @@ DRAIN_BYTES = 1 << 20
 # arrived, however slowly they trickle in (slowloris).
 HEADER_SECONDS = 30.0
 
-_TLS_HANDSHAKE = b"\x16\x03"
+# The first byte of a TLS record carrying a handshake (a ClientHello): no
+# HTTP request starts with it.
+_TLS_HANDSHAKE = b"\x16"
 
 
 @implementer(IBodyProducer)
@@ -243,7 +247,7 @@ class ProxyRequest(server.Request):
 
     def processingFailed(self, reason: Failure) -> None:  # type: ignore[override]
         # Never a traceback to the client: log it, answer 500 with a line.
-        self._log.failure("Unhandled error while serving {uri}", failure=reason, uri=self.uri)
+        self._log.failure("Unhandled error while serving {uri}", failure=reason, uri=redact_target(self.uri))
         if not self.startedWriting:
             body = b"connectors-proxy: internal error (see the proxy's log)\n"
             self.setResponseCode(500)
@@ -298,6 +302,7 @@ class ProxyChannel(http.HTTPChannel):
     _refused = False
     _header_deadline: IDelayedCall | None = None
     _awaiting_headers = False
+    _last_byte = b""
     _drain_deadline: IDelayedCall | None = None
 
     @property
@@ -325,6 +330,14 @@ class ProxyChannel(http.HTTPChannel):
             if self._draining <= 0:
                 self.transport.abortConnection()
             return
+        if self.line_mode and data:
+            # Between requests or in a request's head: the head must be
+            # complete in time, however slowly its first line trickles in.
+            self._arm_header_deadline()
+            if b"\n" in data and self._bare_line_feed(data):
+                self._refuse(400, b"Bad Request")
+                return
+            self._last_byte = data[-1:]
         if not self._seen_bytes:
             self._seen_bytes = True
             if data.startswith(_TLS_HANDSHAKE):
@@ -336,10 +349,7 @@ class ProxyChannel(http.HTTPChannel):
                 return
         super().dataReceived(data)
 
-    def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-            self._refuse(431, b"Request Header Fields Too Large")
-            return
+    def _arm_header_deadline(self) -> None:
         if not self._awaiting_headers:
             # One timer per connection, pushed later for each request (a
             # cheap reset) instead of a new callLater and cancel per request.
@@ -348,6 +358,27 @@ class ProxyChannel(http.HTTPChannel):
                 self._header_deadline.reset(HEADER_SECONDS)
             else:
                 self._header_deadline = self._clock.callLater(HEADER_SECONDS, self._headers_too_slow)
+
+    def _bare_line_feed(self, data: bytes) -> bool:
+        """
+        Whether the header section in C{data} ends a line with a bare LF:
+        the CRLF parser would wait forever for the end of such a line.
+        """
+        end = data.find(b"\r\n\r\n")
+        head = data if end < 0 else data[:end]
+        at = head.find(b"\n")
+        while at >= 0:
+            before = head[at - 1:at] if at else self._last_byte
+            if before != b"\r":
+                return True
+            at = head.find(b"\n", at + 1)
+        return False
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse(431, b"Request Header Fields Too Large")
+            return
+        self._arm_header_deadline()
         super().lineReceived(line)
 
     def lineLengthExceeded(self, line: bytes) -> None:

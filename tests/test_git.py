@@ -122,12 +122,17 @@ class RewriteLFSBatchTests(SynchronousTestCase):
         self.assertEqual(doc["objects"][1], original["objects"][1])
         self.assertEqual(doc["objects"][2], original["objects"][2])
 
-    def test_href_above_the_prefix_is_untouched(self) -> None:
+    def test_href_above_the_prefix_loses_credentials(self) -> None:
+        """
+        An href on the Git server's host outside the address's prefix cannot
+        be mapped back, but the credentials the server put there are still
+        the Connector's: they are removed.
+        """
         href = "https://git.example.com/other/app.git/info/lfs/objects/x"
-        doc: dict[str, Any] = {"objects": [{"actions": {"download": {"href": href, "header": {"Authorization": "a"}}}}]}
-        rewrite_lfs_batch(doc, to_client)
-        self.assertEqual(doc["objects"][0]["actions"]["download"],
-                         {"href": href, "header": {"Authorization": "a"}})
+        doc: dict[str, Any] = {"objects": [{"actions": {"download": {
+            "href": href, "header": {"Authorization": "a", "Accept": "b"}}}}]}
+        rewrite_lfs_batch(doc, to_client, UPSTREAM)
+        self.assertEqual(doc["objects"][0]["actions"]["download"], {"href": href, "header": {"Accept": "b"}})
 
     def test_unexpected_shapes(self) -> None:
         shapes: list[Any] = [[], "x", {"objects": "no"}, {"objects": [1, {"actions": []}, {"actions": {"a": 1}},

@@ -101,6 +101,9 @@ class HostileInput(TestCase):
     @inlineCallbacks
     def test_tls_client_hello_on_plain_listener(self):  # type: ignore[no-untyped-def]
         hello = bytes.fromhex("16030100a5010000a10303") + secrets.token_bytes(32) + b"\x00" * 40
+        answer, took = yield self.ask(b"\x16", timeout=10)  # even a lone first byte
+        self.assertLess(took, 2)
+        self.assertTrue(answer.startswith(b"\x15\x03"), answer)
         answer, took = yield self.ask(hello, timeout=10)
         self.assertLess(took, 2)
         self.assertTrue(answer.startswith(b"\x15\x03"), answer)  # a TLS alert, then close

@@ -120,6 +120,20 @@ class IdentityTests(SynchronousTestCase):
         self.assertEqual(len(results), 1)
         self.assertIsNone(self.successResultOf(other))
 
+    def test_junk_tokens_cannot_flood_the_api_server(self) -> None:
+        kube = _Held(self.clock)
+        verifier = KubeIdentityVerifier(kube, self.clock, max_in_flight=8)
+        pending = [verifier.authenticate(f"junk-{i}") for i in range(20)]
+        self.assertEqual(len(kube.held), 8)
+        for d in pending[8:]:
+            self.failureResultOf(d, ReviewUnavailable)
+        self.assertIsNone(self.successResultOf(verifier.authenticate("x" * 20000)))  # no review at all
+        self.assertEqual(len(kube.held), 8)
+        kube.release()
+        for d in pending[:8]:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(verifier.in_flight, 0)
+
     def test_api_server_errors_are_unavailable_not_invalid(self) -> None:
         self.kube.go_down()
         failure = self.failureResultOf(self.verifier.authenticate(self.token), ReviewUnavailable)

@@ -141,6 +141,9 @@ class LogsAndErrors(SynchronousTestCase):
         self.assertEqual(redact_target(b"/a?token=x&b=1&ACCESS_TOKEN=y&secret=&password=p%20q"),
                          "/a?token=REDACTED&b=1&ACCESS_TOKEN=REDACTED&secret=REDACTED&password=REDACTED")
         self.assertEqual(redact_target(b"/\xff?x=1"), "/\\xff?x=1")
+        # Encoded names and ';' separators, as upstreams read them.
+        self.assertEqual(redact_target(b"/a?%74oken=s1&x=1;Token=s2;private_token=s3&X-Amz-Signature=s4"),
+                         "/a?%74oken=REDACTED&x=1;Token=REDACTED;private_token=REDACTED&X-Amz-Signature=REDACTED")
 
     def test_json_line(self) -> None:
         event = {"log_format": "{a} done", "a": "x", "log_time": 0.0, "log_namespace": "n", "access": True,

@@ -56,6 +56,8 @@ class Routes(SynchronousTestCase):
         self.assertEqual(r, Route("ns", "gitlab", b"/group/repo.git/info/refs?service=git-upload-pack",
                                   client_prefix=b"/namespaces/ns/connectors/gitlab"))
         self.assertEqual(route(b"/namespaces/ns/connectors/x", None, "c").rest, b"")
+        r = route(b"/namespaces/ns/connectors/x?a=1", None, "c")
+        self.assertEqual((r.name, r.rest, r.client_prefix), ("x", b"?a=1", b"/namespaces/ns/connectors/x"))
 
     def test_oci_path_mode(self) -> None:
         r = route(b"/v2/namespaces/ns/connectors/harbor/test/abc/manifests/v1", b"proxy", "cluster.local")
@@ -69,7 +71,10 @@ class Routes(SynchronousTestCase):
         for target in (b"/namespaces/ns/connectors/a/../b/x", b"/namespaces/ns/connectors/a/%2e%2E/x",
                        b"/namespaces/ns/connectors/a/x/%2E%2E%2Fy", b"/namespaces/ns/connectors/a/%252e%252e/y",
                        b"/namespaces/ns/connectors/a/..%5cy", b"/namespaces/ns/connectors/a/./x",
-                       b"/v2/namespaces/ns/connectors/a/../b/manifests/x", b"/namespaces/ns/connectors/a/%00"):
+                       b"/v2/namespaces/ns/connectors/a/../b/manifests/x", b"/namespaces/ns/connectors/a/%00",
+                       b"/namespaces/ns/connectors/a/..;/b", b"/namespaces/ns/connectors/a/%2e%2e;x=1/b",
+                       b"/namespaces/ns/connectors/a/..%3b/b", b"http://h:abc/x", b"http://h:99999/x",
+                       b"http://[::1/x"):
             self.assertRaises(BadTarget, route, target, b"proxy", "cluster.local")
 
     def test_encoded_slash_kept_verbatim(self) -> None:

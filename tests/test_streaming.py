@@ -114,3 +114,30 @@ class Streaming(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")
         self.clock.advance(1)
         self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408"))
+
+    def test_slow_first_line(self) -> None:
+        for _ in range(29):
+            self.channel.dataReceived(b"G")
+            self.clock.advance(1)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408"))
+
+    def test_bare_line_feeds(self) -> None:
+        self.channel.dataReceived(b"GET / HTTP/1.1\nHost: x\n\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 400"))
+        self.assertEqual(self.root.requests, [])
+
+    def test_line_feeds_in_a_body_are_fine(self) -> None:
+        self.channel.dataReceived(b"PUT /x HTTP/1.1\r\nContent-Length: 4\r\n\r\na\nb\n")
+        [request] = self.root.requests
+        self.assertEqual(self.transport.value(), b"")
+        assert request.body is not None
+        consumer = Consumer()
+        request.body.startProducing(consumer)
+        self.assertEqual(b"".join(consumer.data), b"a\nb\n")
+
+    def test_split_crlf(self) -> None:
+        self.channel.dataReceived(b"GET / HTTP/1.1\r")
+        self.channel.dataReceived(b"\nHost: x\r\n\r\n")
+        self.assertEqual(len(self.root.requests), 1)

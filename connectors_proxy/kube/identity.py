@@ -38,6 +38,10 @@ class ReviewUnavailable(Exception):
     """The API server could not answer a review; the request gets a 503."""
 
 
+# ServiceAccount tokens are JWTs of a few hundred bytes to a few KiB.
+MAX_TOKEN_LENGTH = 16 * 1024
+
+
 def token_key(token: str) -> str:
     """The cache key for a token: its SHA-256, never the token itself."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -133,10 +137,12 @@ class KubeIdentityVerifier:
     ttl: float = 10.0
     negative_ttl: float = 5.0
     proxy_subresource: bool = False
+    max_in_flight: int = 64
     tokens: ReviewCache = field(init=False)
     access: ReviewCache = field(init=False)
     token_reviews: int = 0
     access_reviews: int = 0
+    in_flight: int = 0
 
     def __attrs_post_init__(self) -> None:
         self.tokens = ReviewCache(self.clock)
@@ -155,11 +161,22 @@ class KubeIdentityVerifier:
             lambda allowed: self.ttl if allowed else self.negative_ttl)
 
     async def _token_review(self, token: str) -> Identity | None:
+        if len(token) > MAX_TOKEN_LENGTH or not token.isprintable():
+            # Not a token any API server issues: no review for it.
+            return None
+        if self.in_flight >= self.max_in_flight:
+            # A flood of distinct junk tokens must not become a flood of
+            # TokenReviews against the API server: past the cap, refuse
+            # with 503 (clients retry) instead of queueing without bound.
+            raise ReviewUnavailable("too many token reviews in flight")
         self.token_reviews += 1
+        self.in_flight += 1
         try:
             status = await self.client.create_token_review(token, self.audiences)
         except Exception as e:  # noqa: BLE001 - any failure: the answer cannot be had
             raise self._unavailable("TokenReview", e, token) from None
+        finally:
+            self.in_flight -= 1
         if status.get("error") and not status.get("authenticated"):
             log.debug("TokenReview refused a token: {error}",
                       error=str(status["error"]).replace(token, "<token>")[:200])

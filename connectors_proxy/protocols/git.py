@@ -29,6 +29,7 @@ import json
 import zlib
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
@@ -39,6 +40,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from .. import errors, relay
+from ..accesslog import redact_target
 from ..errors import ProxyError, bad_gateway
 from ..relay import Target
 from ..streaming import ProxyRequest
@@ -134,7 +136,16 @@ def _is_credential_header(name: str) -> bool:
     return lower in _CREDENTIAL_HEADERS or "token" in lower or "auth" in lower
 
 
-def rewrite_lfs_batch(doc: Any, to_client: Callable[[str], str]) -> Any:
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    try:
+        parts = urlsplit(url)
+        default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+        return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
+    except ValueError:
+        return None
+
+
+def rewrite_lfs_batch(doc: Any, to_client: Callable[[str], str], upstream_address: str | None = None) -> Any:
     """
     Rewrite a decoded LFS batch response in place and return it: every
     action whose C{href} C{to_client} maps (it pointed at the Git server)
@@ -154,7 +165,11 @@ def rewrite_lfs_batch(doc: Any, to_client: Callable[[str], str]) -> Any:
             if not isinstance(action, dict) or not isinstance(action.get("href"), str):
                 continue
             mapped = to_client(action["href"])
-            if mapped == action["href"]:
+            # Credentials the Git server hands out for its own host are the
+            # Connector's business even when the href is outside the address's
+            # path prefix (and so cannot be mapped): they never reach the client.
+            own_host = upstream_address is not None and _origin(action["href"]) == _origin(upstream_address)
+            if mapped == action["href"] and not own_host:
                 continue
             action["href"] = mapped
             header = action.get("header")
@@ -264,7 +279,8 @@ async def _relay_lfs_batch(request: ProxyRequest, target: Target) -> None:
         raise bad_gateway(
             f"the Git LFS batch response of {describe(target)} is not JSON the proxy can read ({e})"
         ) from None
-    rewritten = rewrite_lfs_batch(doc, lambda href: target.to_client(href.encode("utf-8")).decode("utf-8"))
+    rewritten = rewrite_lfs_batch(doc, lambda href: target.to_client(href.encode("utf-8")).decode("utf-8"),
+                                  target.connector.address)
     out.removeHeader(b"content-encoding")
     relay.send_bytes(request, response.code, out, json.dumps(rewritten).encode("utf-8"))
 
@@ -288,7 +304,7 @@ async def serve(request: ProxyRequest) -> None:
     except Exception:
         # A bug, not the client's or the server's doing: log it, and answer
         # rather than leave git waiting for the idle timeout.
-        log.failure("git request {uri!r} failed", uri=request.uri)
+        log.failure("git request {uri} failed", uri=redact_target(request.uri))
         send_error(request, ProxyError(500, "INTERNAL", "internal error (see the proxy's log)"), kind.is_lfs)
 
 

@@ -35,7 +35,7 @@ from io import BytesIO
 from typing import Any
 from urllib.parse import urljoin
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -383,8 +383,10 @@ class OciResource(Resource):
             values = request.requestHeaders.getRawHeaders(name)
             if values:
                 headers.setRawHeaders(name, values)
+        # Another origin: no Connector client certificate there either.
+        foreign = evolve(target, agent=target.foreign_agent or target.agent)
         for _ in range(MAX_REDIRECTS):
-            response = await relay.send(target, request.method, url.encode("latin-1"), headers, None, request)
+            response = await relay.send(foreign, request.method, url.encode("latin-1"), headers, None, request)
             location = response.headers.getRawHeaders(b"location")
             if 300 <= response.code < 400 and location:
                 await discard(response)
