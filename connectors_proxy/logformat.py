@@ -13,13 +13,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
@@ -94,24 +89,49 @@ def text_line(event: Mapping[str, Any]) -> str:
     return line
 
 
+# Access lines are flushed in batches (at most this long after they were
+# written); anything else is flushed at once.
+FLUSH_SECONDS = 0.2
+
+
 @implementer(ILogObserver)
 class LineObserver:
-    """Writes each event as one line (JSON or text) to a stream."""
+    """
+    Writes each event at or above C{level} as one line (JSON or text) to a
+    stream.  With a C{clock}, access lines are flushed in batches rather
+    than one write system call per request.
+    """
 
-    def __init__(self, stream: IO[str], json_format: bool) -> None:
+    def __init__(self, stream: IO[str], json_format: bool, level: LogLevel = LogLevel.info,
+                 clock: IReactorTime | None = None) -> None:
         self._stream = stream
         self._format = json_line if json_format else text_line
+        self._level = level
+        self._clock = clock
+        self._flush_call: IDelayedCall | None = None
 
     def __call__(self, event: Mapping[str, Any]) -> None:
+        level = event.get("log_level")
+        if level is not None and level < self._level:
+            return
         try:
             line = self._format(event)
         except Exception as e:  # a bad format string must not kill logging
             line = json.dumps({"time": _time(event), "level": "error",
                                "message": f"unformattable log event: {e!r}"})
         self._stream.write(line + "\n")
+        if self._clock is None or not event.get("access"):
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self._clock.callLater(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         self._stream.flush()
 
 
-def observer(log_format: str, level: str = "info", stream: IO[str] | None = None) -> ILogObserver:
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    return FilteringLogObserver(LineObserver(stream or sys.stdout, log_format == "json"), [predicate])
+def observer(log_format: str, level: str = "info", stream: IO[str] | None = None,
+             clock: IReactorTime | None = None) -> LineObserver:
+    return LineObserver(stream or sys.stdout, log_format == "json", LEVELS[level], clock)

@@ -55,6 +55,9 @@ log = Logger()
 MAX_IDLE_PER_HOST = 64
 IDLE_TIMEOUT = 30
 CONNECT_TIMEOUT = 10.0
+# Response bodies up to this size (with a Content-Length) are relayed
+# without backpressure bookkeeping: the most a slow client can pin is this.
+SMALL_BODY = 64 * 1024
 
 
 @frozen
@@ -274,12 +277,17 @@ class _ResponseRelay(Protocol):
 
     transport: Any  # the upstream connection, an IPushProducer
 
-    def __init__(self, request: ProxyRequest, done: Deferred[int]) -> None:
+    def __init__(self, request: ProxyRequest, done: Deferred[int], small: bool = False) -> None:
         self.request = request
         self.done = done
         self.sent = 0
+        self.small = small
 
     def connectionMade(self) -> None:
+        if self.small:
+            # At most SMALL_BODY bytes will come: nothing to pace, so skip
+            # the producer registration (and its pause/resume churn).
+            return
         self.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
@@ -318,7 +326,8 @@ async def stream_response(request: ProxyRequest, response: IResponse, headers: H
     elif isinstance(response.length, int):
         request.responseHeaders.setRawHeaders(b"Content-Length", [str(response.length).encode()])
     done: Deferred[int] = Deferred()
-    relay = _ResponseRelay(request, done)
+    length = response.length
+    relay = _ResponseRelay(request, done, small=isinstance(length, int) and length <= SMALL_BODY)
     response.deliverBody(relay)
     disarm = _on_disconnect(request, lambda: relay.transport and relay.transport.stopProducing())
     try:

@@ -203,7 +203,10 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
     if reactor is None:
         from twisted.internet import reactor as _reactor
         reactor = _reactor
-    top = ProxyService(logformat.observer(options["log-format"], options["log-level"]))
+    observer = logformat.observer(options["log-format"], options["log-level"], clock=reactor)
+    top = ProxyService(observer)
+    # Batched access lines reach the stream before the process ends.
+    reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
     metrics = ProxyMetrics()
     reloader = drain.Reloader(notify=sdnotify.notify)
     store: Store
