@@ -44,6 +44,9 @@ DRAIN_BYTES = 1 << 20
 # arrived, however slowly they trickle in (slowloris).
 HEADER_SECONDS = 30.0
 
+# Bytes of response queued for a client before its upstream is paused.
+STREAM_BUFFER = 512 * 1024
+
 # The first byte of a TLS record carrying a handshake (a ClientHello): no
 # HTTP request starts with it.
 _TLS_HANDSHAKE = b"\x16"
@@ -470,6 +473,10 @@ class ProxyChannel(http.HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        # Let a response stream keep up to STREAM_BUFFER queued for this
+        # client before the upstream is paused: Twisted's 64 KiB default
+        # pauses and resumes the upstream for nearly every chunk.
+        self.transport.bufferSize = STREAM_BUFFER
         # The site counts its connections (metrics) and closes them when
         # the daemon drains; a plain Site (some tests) has no such hook.
         opened = getattr(self.site, "channel_opened", None)  # type: ignore[attr-defined]
