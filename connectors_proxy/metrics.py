@@ -197,12 +197,7 @@ class ProxyMetrics:
 
 
 def _pool_idle(agents: Any) -> int:
-    # relay.Agents keeps its pools in _pools; each HTTPConnectionPool keeps
-    # its idle connections in _connections (Twisted has no public count).
-    total = 0
-    for pool in getattr(agents, "_pools", ()):
-        total += sum(len(idle) for idle in getattr(pool, "_connections", {}).values())
-    return total
+    return int(agents.idle_connections())
 
 
 class StateCollector:

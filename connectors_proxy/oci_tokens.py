@@ -119,6 +119,10 @@ class TokenCache:
     _tokens: dict[TokenKey, CachedToken] = field(factory=dict)
     _flights: SingleFlight[TokenKey, str] = field(factory=SingleFlight)
     fetches: int = 0
+    # Told of each cache answer and each realm request, by Connector
+    # ("ns/name"): the daemon's metrics.
+    on_hit: Callable[[str], None] | None = None
+    on_request: Callable[[str, bool], None] | None = None
 
     def cached(self, key: TokenKey) -> str | None:
         """The token for C{key} if one is fresh, without asking the realm."""
@@ -138,11 +142,22 @@ class TokenCache:
         """
         value = self.cached(key)
         if value is not None:
+            if self.on_hit is not None:
+                self.on_hit(key.connector)
             return succeed(value)
 
         def work() -> Deferred[str]:
             self.fetches += 1
-            return fetch().addCallback(self._landed, key)
+            d = fetch().addCallback(self._landed, key)
+            if self.on_request is not None:
+                report = self.on_request
+
+                def done(result: object) -> object:
+                    report(key.connector, not isinstance(result, Failure))
+                    return result
+
+                d.addBoth(done)
+            return d
 
         return self._flights.run(key, work)
 

@@ -166,6 +166,12 @@ class Agents:
             self._agents[key] = agent
         return agent
 
+    def idle_connections(self) -> int:
+        """Idle upstream connections kept for reuse, over all pools."""
+        # HTTPConnectionPool keeps them in _connections; Twisted has no
+        # public count.
+        return sum(len(idle) for pool in self._pools for idle in pool._connections.values())
+
     def close(self) -> Deferred[list[Any]]:
         return gatherResults([pool.closeCachedConnections() for pool in self._pools])
 

@@ -254,6 +254,10 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
             served.known = lambda ns, name: store.snapshot.connector(ns, name) is not None
             reloader.add("certificates", lambda t=served: metrics.reload("certificates", t.reload()))  # type: ignore[misc]
     root.observers.append(metrics.observe)
+    oci = root.protocols.get("oci")
+    if isinstance(oci, OciResource):
+        oci.tokens.on_hit = metrics.token_cache_hit
+        oci.tokens.on_request = metrics.token_request
     metrics.track_site(site)
     metrics.track_agents(agents)
     metrics.track_limiter(limiter)

@@ -27,6 +27,8 @@ from connectors_proxy.admin import admin_resource
 from connectors_proxy.limits import ConcurrencyLimiter
 from connectors_proxy.metrics import ProxyMetrics
 from connectors_proxy.objects import ObjectRef
+from connectors_proxy.relay import Agents
+from connectors_proxy.tls import upstream_policy
 
 from .support.proxy import basic_secret, connector, connector_class, sa, start_proxy
 
@@ -82,9 +84,11 @@ class FakePool:
     _connections: dict[Any, list[Any]] = field(factory=dict)
 
 
-@define
-class FakeAgents:
-    _pools: list[FakePool] = field(factory=list)
+def fake_agents(pools: list[FakePool]) -> Agents:
+    """Real L{Agents} whose connection pools hold the given idle connections."""
+    agents = Agents(Clock(), upstream_policy)
+    agents._pools = pools  # type: ignore[assignment]
+    return agents
 
 
 @define
@@ -208,7 +212,7 @@ class StateTests(SynchronousTestCase):
     def test_state_read_at_scrape_time(self) -> None:
         metrics = ProxyMetrics(process=False)
         site = FakeSite({FakeChannel([object()]), FakeChannel(), FakeChannel([object(), object()])}, opened=9)
-        agents = FakeAgents([FakePool({"a": [1, 2], "b": [3]}), FakePool({"c": [4]})])
+        agents = fake_agents([FakePool({"a": [1, 2], "b": [3]}), FakePool({"c": [4]})])
         limiter = ConcurrencyLimiter(Clock(), max_active=1, max_queue=5)
         drainer = FakeDrainer()
         metrics.track_site(site)

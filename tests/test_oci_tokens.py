@@ -47,6 +47,21 @@ class TokenCacheTests(SynchronousTestCase):
         d.addCallback(box.append)
         return lambda: box[0]
 
+    def test_metrics_hooks(self) -> None:
+        events: list[tuple[str, ...]] = []
+        self.cache.on_hit = lambda connector: events.append(("hit", connector))
+        self.cache.on_request = lambda connector, ok: events.append(("request", connector, str(ok)))
+        d = self.cache.get(KEY, self.realm.fetch)
+        self.realm.pending[0].callback(IssuedToken("tok1", 300))
+        self.successResultOf(d)
+        self.successResultOf(self.cache.get(KEY, self.realm.fetch))
+        other = TokenKey("default/harbor", "http://t/token", "reg", "repository:b:pull", "fp")
+        failed = self.cache.get(other, self.realm.fetch)
+        self.realm.pending[1].errback(RuntimeError("realm down"))
+        self.failureResultOf(failed, RuntimeError)
+        self.assertEqual(events, [("request", "default/harbor", "True"), ("hit", "default/harbor"),
+                                  ("request", "default/harbor", "False")])
+
     def test_expiry_with_margin(self) -> None:
         d = self.cache.get(KEY, self.realm.fetch)
         self.realm.pending[0].callback(IssuedToken("tok1", 300))
