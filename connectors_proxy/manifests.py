@@ -32,6 +32,10 @@ log = Logger()
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 POLL_SECONDS = 1.0
 
+# libyaml's safe loader when PyYAML was built with it: ten times faster on
+# large manifest sets, same documents.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 class ManifestError(ValueError):
     """A manifest set that cannot be loaded; the message is one line naming file, object, field."""
@@ -60,7 +64,7 @@ def manifest_files(paths: Sequence[str]) -> list[str]:
 def parse_documents(text: str, source: str) -> list[KubeObject]:
     """Parse one file's YAML documents (a C{List} kind's C{items} too)."""
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_LOADER))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
