@@ -333,14 +333,6 @@ class ProxyChannel(http.HTTPChannel):
             if self._draining <= 0:
                 self.transport.abortConnection()
             return
-        if self.line_mode and data:
-            # Between requests or in a request's head: the head must be
-            # complete in time, however slowly its first line trickles in.
-            self._arm_header_deadline()
-            if b"\n" in data and self._bare_line_feed(data):
-                self._refuse(400, b"Bad Request")
-                return
-            self._last_byte = data[-1:]
         if not self._seen_bytes:
             self._seen_bytes = True
             if data.startswith(_TLS_HANDSHAKE):
@@ -350,6 +342,14 @@ class ProxyChannel(http.HTTPChannel):
                 self.transport.write(b"\x15\x03\x01\x00\x02\x02\x46")
                 self.transport.loseConnection()
                 return
+        if self.line_mode and data:
+            # Between requests or in a request's head: the head must be
+            # complete in time, however slowly its first line trickles in.
+            self._arm_header_deadline()
+            if b"\n" in data and self._bare_line_feed(data):
+                self._refuse(400, b"Bad Request")
+                return
+            self._last_byte = data[-1:]
         super().dataReceived(data)
 
     def _arm_header_deadline(self) -> None:
@@ -378,7 +378,9 @@ class ProxyChannel(http.HTTPChannel):
         return False
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize or (
+            line and self._receivedHeaderCount >= self.maxHeaders
+        ):
             self._refuse(431, b"Request Header Fields Too Large")
             return
         self._arm_header_deadline()

@@ -77,6 +77,8 @@ class HostileInput(TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 431"), answer[:100])
         answer, _ = yield self.ask(b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 431"), answer[:100])
+        answer, _ = yield self.ask(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(600)) + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431"), answer[:100])  # too many, each small
         answer, _ = yield self.ask(b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 414"), answer[:100])
         yield self.assertStillServes()
