@@ -19,11 +19,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.web.static import File
 
 from .support.procs import port_open, require, run
-from .support.proxy import ProxyProcess, basic_secret, connector, connector_class, sa, start_proxy_process, write_setup
+from .support.proxy import ProxyProcess, rest_upstream_setup, start_proxy_process
 
 MiB = 1 << 20
 
@@ -52,14 +51,7 @@ class DrainProcessTests(TestCase):
             f.truncate(size)
         root = Resource()
         root.putChild(b"blob", File(blob))
-        upstream = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-        self.addCleanup(upstream.stopListening)
-        token = "drain-" + os.urandom(8).hex()
-        args = write_setup(self, [
-            connector_class("rest"),
-            basic_secret("team", "creds", "u", "p"),
-            connector("team", "files", "rest", f"http://127.0.0.1:{upstream.getHost().port}", secret="creds"),
-        ], {token: sa("team")})
+        args, token = rest_upstream_setup(self, root, "files", token_prefix="drain")
         proxy = await start_proxy_process(self, [*args, *extra])
         url = f"{proxy.url}/namespaces/team/connectors/files/blob"
         out = os.path.join(folder, "download")

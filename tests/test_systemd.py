@@ -24,13 +24,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.web.static import Data
 
 from connectors_proxy.sdnotify import ReadyNotifier, notify
 
 from .support.procs import free_port, require, start_server
-from .support.proxy import ROOT, basic_secret, connector, connector_class, sa, write_setup
+from .support.proxy import ROOT, rest_upstream_setup
 
 
 def datagram_socket(test: SynchronousTestCase, abstract: bool = False) -> tuple[socket.socket, str]:
@@ -121,14 +120,7 @@ class SocketActivationTests(TestCase):
             activate = require("systemd-socket-activate")
             root = Resource()
             root.putChild(b"hello", Data(b"hello from upstream\n", "text/plain"))
-            upstream = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-            self.addCleanup(upstream.stopListening)
-            token = "sd-" + os.urandom(8).hex()
-            args = write_setup(self, [
-                connector_class("rest"),
-                basic_secret("team", "creds", "u", "p"),
-                connector("team", "api", "rest", f"http://127.0.0.1:{upstream.getHost().port}", secret="creds"),
-            ], {token: sa("team")})
+            args, token = rest_upstream_setup(self, root, "api", token_prefix="sd")
             notifications, address = datagram_socket(self)
             port, admin = free_port(), free_port()
             argv = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
@@ -369,14 +370,18 @@ class Writer:
                 await self._reread_service(key)
             raise
 
-    async def _reread_service(self, key: Key) -> None:
+    async def _get_or_none(self, resource: Any, key: Key) -> JSON | None:
+        """The live object, or C{None} when it is gone."""
         try:
-            obj: JSON | None = await self.client.get(SERVICES, key[0], key[1])
+            obj: JSON = await self.client.get(resource, key[0], key[1])
         except KubeError as e:
             if not e.not_found:
                 raise
-            obj = None
-        self._remember_service(key, obj)
+            return None
+        return obj
+
+    async def _reread_service(self, key: Key) -> None:
+        self._remember_service(key, await self._get_or_none(SERVICES, key))
 
     async def _write_status(self, key: Key, raw: JSON, status: JSON) -> None:
         await self._write_allowed()
@@ -387,13 +392,7 @@ class Writer:
             written = await self.client.replace_status(CONNECTORS, key[0], key[1], body)
         except KubeError as e:
             if e.conflict or e.not_found:
-                try:
-                    fresh: JSON | None = await self.client.get(CONNECTORS, key[0], key[1])
-                except KubeError as e2:
-                    if not e2.not_found:
-                        raise
-                    fresh = None
-                self._remember_connector(key, fresh)
+                self._remember_connector(key, await self._get_or_none(CONNECTORS, key))
             raise
         self.counters.status_writes += 1
         self._remember_connector(key, written)

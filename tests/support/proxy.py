@@ -216,3 +216,24 @@ def write_setup(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Ma
 
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def rest_upstream_setup(test: TestCase, resource: Any, name: str, namespace: str = "team",
+                        token_prefix: str = "tok") -> tuple[list[str], str]:
+    """
+    Serve C{resource} on a loopback port as the upstream of a REST Connector
+    C{namespace/name} (Basic credentials), and write the manifests and a
+    token file for a proxy process.  Returns the proxy's arguments and the
+    client token.
+    """
+    from twisted.web.server import Site
+
+    upstream = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    test.addCleanup(upstream.stopListening)
+    token = f"{token_prefix}-{os.urandom(8).hex()}"
+    args = write_setup(test, [
+        connector_class("rest"),
+        basic_secret(namespace, "creds", "u", "p"),
+        connector(namespace, name, "rest", f"http://127.0.0.1:{upstream.getHost().port}", secret="creds"),
+    ], {token: sa(namespace)})
+    return args, token
