@@ -287,8 +287,3 @@ class MetricsResource(Resource):
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
         return encoder(self.registry)
-
-
-# For collaborators built without a daemon (unit tests, tools): counts that
-# nobody scrapes.
-UNUSED = ProxyMetrics(process=False)

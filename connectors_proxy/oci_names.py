@@ -249,13 +249,6 @@ class NameMap:
         assert path.name is not None
         return path.path(self.to_client(path.name))
 
-    def upstream_path(self, path: OciPath) -> str | None:
-        """The upstream path of a client end point (C{None}: not this Connector's name)."""
-        if path.name is None:
-            return path.path()
-        name = self.to_upstream(path.name)
-        return None if name is None else path.path(name)
-
 
 # -- URLs that come back from upstream ------------------------------------------------
 
@@ -361,30 +354,3 @@ def rewrite_json_names(kind: str, body: bytes, names: NameMap) -> bytes:
                 detail["name"] = names.to_client(detail["name"])
                 changed = True
     return json.dumps(doc, separators=(",", ":")).encode() if changed else body
-
-
-# -- errors the client sees ------------------------------------------------------------
-
-# Codes of the distribution specification for the errors the proxy makes itself.
-ERROR_CODES = {
-    400: "UNSUPPORTED",
-    401: "UNAUTHORIZED",
-    403: "DENIED",
-    404: "NAME_UNKNOWN",
-    405: "UNSUPPORTED",
-    413: "SIZE_INVALID",
-    429: "TOOMANYREQUESTS",
-}
-
-
-def error_body(code: str, message: str, detail: Any = None) -> bytes:
-    """The OCI error document C{{"errors": [{"code", "message", "detail"}]}}."""
-    error: dict[str, Any] = {"code": code, "message": message}
-    if detail is not None:
-        error["detail"] = detail
-    return json.dumps({"errors": [error]}, separators=(",", ":")).encode()
-
-
-def error_for_status(status: int, message: str) -> bytes:
-    """An OCI error body for a status the proxy answers itself."""
-    return error_body(ERROR_CODES.get(status, "UNKNOWN" if status >= 500 else "UNSUPPORTED"), message)

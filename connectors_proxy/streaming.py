@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -520,7 +520,3 @@ class ProxySite(server.Site):
     def log(self, request: http.Request) -> None:
         # The router writes the access log, with identity and Connector.
         pass
-
-
-def empty_body() -> Deferred[None]:
-    return succeed(None)

@@ -20,8 +20,6 @@ from connectors_proxy.oci_names import (
     UPLOADS,
     NameMap,
     OciPath,
-    error_body,
-    error_for_status,
     merge_scopes,
     parse_oci_path,
     query_value,
@@ -109,11 +107,6 @@ class NameMapTests(SynchronousTestCase):
         self.assertIsNone(PATH_MODE.to_upstream("namespaces/default/connectors/harbor/"))
         self.assertIsNone(PATH_MODE.to_upstream("test/abc"))
         self.assertEqual(PATH_MODE.to_client("test/abc"), "namespaces/default/connectors/harbor/test/abc")
-        self.assertEqual(
-            PATH_MODE.upstream_path(OciPath(MANIFEST, "namespaces/default/connectors/harbor/test/abc", "v1")),
-            "/v2/test/abc/manifests/v1")
-        self.assertIsNone(PATH_MODE.upstream_path(OciPath(MANIFEST, "namespaces/x/connectors/y/a", "v1")))
-        self.assertEqual(PATH_MODE.upstream_path(OciPath(PING)), "/v2/")
 
     def test_client_paths(self) -> None:
         self.assertEqual(PATH_MODE.client_path(OciPath(CATALOG)), "/v2/namespaces/default/connectors/harbor/_catalog")
@@ -235,10 +228,3 @@ class BodyTests(SynchronousTestCase):
             self.assertEqual(rewrite_json_names(TAGS, body, PATH_MODE), body)
         self.assertEqual(rewrite_json_names(TAGS, b'{"name":"a"}', NameMap()), b'{"name":"a"}')
 
-    def test_errors(self) -> None:
-        self.assertEqual(json.loads(error_body("DENIED", "no", {"x": 1})),
-                         {"errors": [{"code": "DENIED", "message": "no", "detail": {"x": 1}}]})
-        self.assertEqual(json.loads(error_for_status(401, "m"))["errors"][0]["code"], "UNAUTHORIZED")
-        self.assertEqual(json.loads(error_for_status(403, "m"))["errors"][0]["code"], "DENIED")
-        self.assertEqual(json.loads(error_for_status(404, "m"))["errors"][0]["code"], "NAME_UNKNOWN")
-        self.assertEqual(json.loads(error_for_status(502, "m"))["errors"][0]["code"], "UNKNOWN")
