@@ -81,6 +81,11 @@ class Target:
     foreign_agent: IAgent | None = field(default=None, repr=False)
 
     @property
+    def label(self) -> str:
+        """How messages name the Connector: C{Connector NS/NAME}."""
+        return f"Connector {self.connector.ref}"
+
+    @property
     def upstream_base(self) -> bytes:
         return self.connector.address.encode("utf-8")
 
@@ -382,6 +387,18 @@ async def read_body(response: IResponse, limit: int) -> bytes:
     response.deliverBody(Collect())
     await done
     return b"".join(chunks)
+
+
+# A body the proxy reads only to reuse the connection (an error page).
+DISCARD_LIMIT = 64 * 1024
+
+
+async def discard(response: IResponse) -> None:
+    """Read and drop a small body so its connection can be reused."""
+    try:
+        await read_body(response, DISCARD_LIMIT)
+    except ProxyError:
+        pass
 
 
 def send_bytes(request: ProxyRequest, code: int, headers: Mapping[bytes, bytes] | Headers,

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
-from twisted.web.resource import IResource, Resource
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from . import accesslog, errors, limits
@@ -30,6 +30,7 @@ from .credentials import CredentialsUnavailable, resolve
 from .identity import Presented, presented_token
 from .interfaces import Identity, IIdentityVerifier
 from .objects import Connector, ObjectRef, Secret
+from .protocols import ProtocolResource
 from .relay import Agents, Target, client_base, send_bytes, send_error
 from .routing import BadTarget, Route, route
 from .state import Snapshot, Store
@@ -87,7 +88,7 @@ class ConnectorsResource(Resource):
     store: Store
     verifier: IIdentityVerifier
     agents: Agents
-    protocols: Mapping[str, IResource]
+    protocols: Mapping[str, ProtocolResource]
     cluster_domain: str = "cluster.local"
     observers: list[Callable[[ProxyRequest, accesslog.AccessRecord], None]] = field(factory=list)
     # Per-Connector concurrency limit (None: unlimited).
@@ -130,16 +131,7 @@ class ConnectorsResource(Resource):
                     request.notifyFinish().addBoth(lambda _: permit.release())
                 else:
                     await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref))
-            serve = getattr(resource, "serve", None)
-            if serve is not None:
-                # One coroutine chain per request, not a second one started
-                # from render().
-                await serve(request)
-                return
-            result = resource.render(request)
-            if result is not NOT_DONE_YET:
-                request.write(result)
-                request.finish()
+            await resource.serve(request)
         except errors.ProxyError as e:
             send_error(request, e, oci)
         except Exception:

@@ -18,13 +18,13 @@ from twisted.application.service import IServiceCollection
 from twisted.application.strports import service as strport_service
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
-from twisted.web.resource import IResource
 
 from . import drain, limits, logformat, sdnotify
 from .admin import admin_resource
 from .interfaces import IIdentityVerifier
 from .manifests import ManifestError, ManifestSource
 from .metrics import ProxyMetrics
+from .protocols import ProtocolResource
 from .protocols.git import GitResource
 from .protocols.oci import OciResource
 from .protocols.rest import RestResource
@@ -175,7 +175,7 @@ class ProxyService(drain.DrainingService):
         super().setServiceParent(parent)
 
 
-def protocol_resources(reactor: Any) -> dict[str, IResource]:
+def protocol_resources(reactor: Any) -> dict[str, ProtocolResource]:
     """The resource that serves each ConnectorClass protocol."""
     return {
         "http": RestResource(),

@@ -11,31 +11,25 @@ import json
 import os
 import secrets
 import time
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from connectors_proxy.identity import StaticTokens
-from connectors_proxy.protocols.git import GitResource
-from connectors_proxy.protocols.oci import OciResource
-from connectors_proxy.state import Store
-from connectors_proxy.tap import proxy_site
 from connectors_proxy.tls_mint import CertificateAuthority
 from tests.support.gitserver import fresh_home, git_env, has_secret, start_git_server
 from tests.support.procs import check, free_port, require, run
 from tests.support.proxy import (
     RunningProxy,
     basic_secret,
-    capture_logs,
     connector,
     connector_class,
     sa,
     secret,
+    start_proxy,
     start_proxy_process,
     write_setup,
 )
@@ -53,18 +47,8 @@ async def start_tls_proxy(test: TestCase, objects: list[dict[str, Any]],
     C{cptls:} listener whose CA mints the Connector certificates.
     """
     pki = Pki(test.mktemp(), time.time())
-    store, verifier, logs = Store(), StaticTokens({}), capture_logs(test)
-    site, root, agents = proxy_site(store, verifier, reactor)
-    port: Any = await serverFromString(reactor, pki.endpoint(**endpoint_options)).listen(site)
-    running = RunningProxy(port.getHost().port, store, verifier, logs, root)
-    running.set_objects(objects)
-    running.set_tokens(tokens)
-
-    async def stop() -> None:
-        await port.stopListening()
-        await agents.close()
-    test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-    return running, pki
+    proxy = await start_proxy(test, objects, tokens, endpoint=pki.endpoint(**endpoint_options))
+    return proxy, pki
 
 
 class Upstream(Resource):
@@ -189,8 +173,6 @@ class GitOverTLSTests(TestCase):
             connector(NS, "repo", "git", server.base_url, secret="git-creds"),
             basic_secret(NS, "git-creds", server.username, server.password),
         ], {token: sa(NS)})
-        protocols = cast(dict[str, Any], proxy.root.protocols)
-        protocols.setdefault("git", GitResource())
         host = f"c-repo.{NS}.svc.cluster.local"
         home = fresh_home(self)
         env = git_env(home)
@@ -226,8 +208,6 @@ class SkopeoOverTLSTests(TestCase):
             connector(NS, "reg", "oci", registry.address, secret="reg-creds"),
             basic_secret(NS, "reg-creds", user, password),
         ], {token: sa(NS)})
-        protocols = cast(dict[str, Any], proxy.root.protocols)
-        protocols.setdefault("oci", OciResource(reactor))
         cert_dir = self.mktemp()
         os.makedirs(cert_dir)
         with open(os.path.join(cert_dir, "ca.crt"), "wb") as f:

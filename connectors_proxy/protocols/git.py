@@ -32,18 +32,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import frozen
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from .. import errors, relay
 from ..accesslog import redact_target
 from ..errors import ProxyError, bad_gateway
 from ..relay import Target
 from ..streaming import ProxyRequest
+from . import ProtocolResource, naming_connector
 
 log = Logger()
 
@@ -55,7 +52,6 @@ LFS_MEDIA_TYPE = b"application/vnd.git-lfs+json"
 LFS_BATCH_LIMIT = 8 * 1024 * 1024
 
 # Upstream 401 bodies are read (to keep the connection reusable) and dropped.
-_DISCARD_LIMIT = 64 * 1024
 
 # Headers in an LFS action that carry the Git server's credentials for the
 # transfer.  Dropped for transfers that go through the proxy, which injects
@@ -205,15 +201,10 @@ def decode_body(body: bytes, encoding: bytes | None, limit: int) -> bytes:
     return out
 
 
-def describe(target: Target) -> str:
-    """How error messages name the Connector: C{Connector NS/NAME}."""
-    return f"Connector {target.connector.namespace}/{target.connector.name}"
-
-
 def upstream_refused(target: Target) -> ProxyError:
     """The error for a Git server that answered 401 to the proxy's request."""
     connector = target.connector
-    where = f"{describe(target)} ({connector.address})"
+    where = f"{target.label} ({connector.address})"
     if target.credentials is None:
         message = (
             f"the Git server of {where} asks for authentication, and the Connector has no "
@@ -249,20 +240,13 @@ def send_error(request: ProxyRequest, error: ProxyError, lfs: bool) -> None:
     relay.send_bytes(request, error.status, headers, body)
 
 
-async def _discard(response: IResponse) -> None:
-    try:
-        await relay.read_body(response, _DISCARD_LIMIT)
-    except ProxyError:
-        pass
-
-
 async def _relay_lfs_batch(request: ProxyRequest, target: Target) -> None:
     headers = relay.request_headers(request, target)
     # The proxy rewrites this body, so it must be able to read it.
     headers.setRawHeaders(b"Accept-Encoding", [b"identity"])
     response = await relay.send(target, request.method, target.upstream_url(), headers, request.body, request)
     if response.code == 401:
-        await _discard(response)
+        await relay.discard(response)
         raise upstream_refused(target)
     out = relay.response_headers(target, response)
     body = await relay.read_body(response, LFS_BATCH_LIMIT)
@@ -277,7 +261,7 @@ async def _relay_lfs_batch(request: ProxyRequest, target: Target) -> None:
         # Fail closed: an answer the proxy cannot read might carry the
         # server's credentials in its actions.
         raise bad_gateway(
-            f"the Git LFS batch response of {describe(target)} is not JSON the proxy can read ({e})"
+            f"the Git LFS batch response of {target.label} is not JSON the proxy can read ({e})"
         ) from None
     rewritten = rewrite_lfs_batch(doc, lambda href: target.to_client(href.encode("utf-8")).decode("utf-8"),
                                   target.connector.address)
@@ -285,42 +269,27 @@ async def _relay_lfs_batch(request: ProxyRequest, target: Target) -> None:
     relay.send_bytes(request, response.code, out, json.dumps(rewritten).encode("utf-8"))
 
 
-async def serve(request: ProxyRequest) -> None:
-    """Relay one Git (or Git LFS) request to the Connector of C{request.target}."""
-    target: Target = request.target
-    kind = classify(request.method, target.route.rest)
-    try:
-        if kind.kind == "lfs-batch":
-            await _relay_lfs_batch(request, target)
-            return
-        response = await relay.send(target, request.method, target.upstream_url(),
-                                    relay.request_headers(request, target), request.body, request)
-        if response.code == 401:
-            await _discard(response)
-            raise upstream_refused(target)
-        await relay.stream_response(request, response, relay.response_headers(target, response))
-    except ProxyError as e:
-        send_error(request, _naming_connector(e, target), kind.is_lfs)
-    except Exception:
-        # A bug, not the client's or the server's doing: log it, and answer
-        # rather than leave git waiting for the idle timeout.
-        log.failure("git request {uri} failed", uri=redact_target(request.uri))
-        send_error(request, ProxyError(500, "INTERNAL", "internal error (see the proxy's log)"), kind.is_lfs)
+class GitResource(ProtocolResource):
+    """The resource the router hands Connectors of a C{git} class."""
 
-
-def _naming_connector(error: ProxyError, target: Target) -> ProxyError:
-    """C{error}, its message starting with the Connector it is about."""
-    name = describe(target)
-    if name in error.message:
-        return error
-    return ProxyError(error.status, error.code, f"{name}: {error.message}")
-
-
-class GitResource(Resource):
-    """The resource the router renders for Connectors of a C{git} class."""
-
-    isLeaf = True
-
-    def render(self, request: ProxyRequest) -> Any:  # type: ignore[override]
-        Deferred.fromCoroutine(serve(request))
-        return NOT_DONE_YET
+    async def serve(self, request: ProxyRequest) -> None:
+        """Relay one Git (or Git LFS) request to the Connector of C{request.target}."""
+        target: Target = request.target
+        kind = classify(request.method, target.route.rest)
+        try:
+            if kind.kind == "lfs-batch":
+                await _relay_lfs_batch(request, target)
+                return
+            response = await relay.send(target, request.method, target.upstream_url(),
+                                        relay.request_headers(request, target), request.body, request)
+            if response.code == 401:
+                await relay.discard(response)
+                raise upstream_refused(target)
+            await relay.stream_response(request, response, relay.response_headers(target, response))
+        except ProxyError as e:
+            send_error(request, naming_connector(e, target), kind.is_lfs)
+        except Exception:
+            # A bug, not the client's or the server's doing: log it, and answer
+            # rather than leave git waiting for the idle timeout.
+            log.failure("git request {uri} failed", uri=redact_target(request.uri))
+            send_error(request, ProxyError(500, "INTERNAL", "internal error (see the proxy's log)"), kind.is_lfs)

@@ -32,7 +32,6 @@ What this module adds to the shared relay:
 from __future__ import annotations
 
 from io import BytesIO
-from typing import Any
 from urllib.parse import urljoin
 
 from attrs import define, evolve, field, frozen
@@ -42,8 +41,6 @@ from twisted.logger import Logger
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
 from .. import relay
 from ..errors import ProxyError, bad_gateway
@@ -79,6 +76,7 @@ from ..oci_names import (
 from ..oci_tokens import SingleFlight, TokenCache, TokenKey, fingerprint
 from ..relay import Target
 from ..streaming import ProxyRequest
+from . import ProtocolResource, naming_connector
 
 log = Logger()
 
@@ -90,7 +88,6 @@ PING_HEADERS = {
 # Token answers are a JWT or an opaque string and a few fields.
 TOKEN_RESPONSE_LIMIT = 1024 * 1024
 # Bodies the proxy reads only to throw away (401s, redirects).
-DISCARD_LIMIT = 64 * 1024
 # Redirects followed for one blob (registry -> CDN -> signed URL ...).
 MAX_REDIRECTS = 5
 
@@ -132,10 +129,6 @@ def scheme_of(challenges: list[Challenge]) -> Scheme:
     return NONE
 
 
-def describe(target: Target) -> str:
-    return f"Connector {target.connector.namespace}/{target.connector.name}"
-
-
 def refused(target: Target, scopes: tuple[str, ...]) -> ProxyError:
     """
     The registry refused the Connector's credentials (or wants some, and
@@ -146,21 +139,13 @@ def refused(target: Target, scopes: tuple[str, ...]) -> ProxyError:
     wanted = f" for {' '.join(scopes)}" if scopes else ""
     if target.credentials is None:
         return ProxyError(403, "DENIED", (
-            f"the registry of {describe(target)} ({connector.address}) asks for credentials{wanted} and the "
+            f"the registry of {target.label} ({connector.address}) asks for credentials{wanted} and the "
             "Connector has none: set spec.auth.secretRef to a Secret the registry accepts"
         ))
     return ProxyError(403, "DENIED", (
-        f"the registry of {describe(target)} ({connector.address}) refused the credentials in Secret "
+        f"the registry of {target.label} ({connector.address}) refused the credentials in Secret "
         f"{connector.secret_ref}{wanted}"
     ))
-
-
-async def discard(response: IResponse) -> None:
-    """Read and drop a small body so the connection can be reused."""
-    try:
-        await relay.read_body(response, DISCARD_LIMIT)
-    except ProxyError:
-        pass
 
 
 def _bytes_producer(body: bytes) -> FileBodyProducer:
@@ -177,7 +162,7 @@ class _Authorized:
 
 
 @define
-class OciResource(Resource):
+class OciResource(ProtocolResource):
     """
     The resource the router renders for Connectors of an C{oci} class.  One
     instance per proxy: it holds the token cache and what each registry's
@@ -188,16 +173,11 @@ class OciResource(Resource):
     tokens: TokenCache = field(default=None)
     _schemes: dict[tuple[str, str], Scheme] = field(factory=dict)
     _probes: SingleFlight[tuple[str, str], Scheme] = field(factory=SingleFlight)
-    isLeaf = True
 
     def __attrs_post_init__(self) -> None:
-        Resource.__init__(self)
+        ProtocolResource.__init__(self)
         if self.tokens is None:
             self.tokens = TokenCache(self.clock)
-
-    def render(self, request: ProxyRequest) -> Any:  # type: ignore[override]
-        Deferred.fromCoroutine(self.serve(request))
-        return NOT_DONE_YET
 
     # -- one request --------------------------------------------------------
 
@@ -206,9 +186,7 @@ class OciResource(Resource):
         try:
             await self._serve(request, target)
         except ProxyError as e:
-            if describe(target) not in e.message and e.status >= 500:
-                e = ProxyError(e.status, e.code, f"{describe(target)}: {e.message}")
-            relay.send_error(request, e, oci=True)
+            relay.send_error(request, naming_connector(e, target) if e.status >= 500 else e, oci=True)
 
     async def _serve(self, request: ProxyRequest, target: Target) -> None:
         route = target.route
@@ -247,7 +225,7 @@ class OciResource(Resource):
         headers = Headers({b"Accept": [b"application/json"]})
         response = await relay.send(target, b"GET", target.upstream_base + b"/v2/", headers, None)
         challenges = parse_challenges(response.headers.getRawHeaders(b"www-authenticate", []))
-        await discard(response)
+        await relay.discard(response)
         scheme = scheme_of(challenges) if response.code == 401 else NONE
         self._schemes[key] = scheme
         return scheme
@@ -322,7 +300,7 @@ class OciResource(Resource):
         if response.code != 401:
             return response
         challenges = parse_challenges(response.headers.getRawHeaders(b"www-authenticate", []))
-        await discard(response)
+        await relay.discard(response)
         fresh = scheme_of(challenges)
         if fresh != scheme:
             self._schemes[self._scheme_key(target)] = fresh
@@ -336,7 +314,7 @@ class OciResource(Resource):
         auth = await self._authorize(target, fresh, scopes, credentials)
         response = await relay.send(target, request.method, url, self._headers(request, auth.value), None, request)
         if response.code == 401:
-            await discard(response)
+            await relay.discard(response)
             raise refused(target, scopes)
         return response
 
@@ -353,7 +331,7 @@ class OciResource(Resource):
         if location:
             rewritten = rewrite_upstream_url(location[0].decode("latin-1"), url, address, names, client_base)
             if rewritten.foreign is not None and 300 <= response.code < 400 and oci.kind == BLOB:
-                await discard(response)
+                await relay.discard(response)
                 await self._follow(request, target, oci, rewritten.foreign)
                 return
             if rewritten.local is not None:
@@ -389,11 +367,11 @@ class OciResource(Resource):
             response = await relay.send(foreign, request.method, url.encode("latin-1"), headers, None, request)
             location = response.headers.getRawHeaders(b"location")
             if 300 <= response.code < 400 and location:
-                await discard(response)
+                await relay.discard(response)
                 url = urljoin(url, location[0].decode("latin-1"))
                 continue
             if response.code not in (200, 206):
-                await discard(response)
+                await relay.discard(response)
                 raise bad_gateway(f"the blob storage the registry redirected to answered {response.code}")
             out = Headers()
             for name in _BLOB_HEADERS:

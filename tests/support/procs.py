@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from twisted.internet import reactor as _reactor
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
@@ -107,14 +107,10 @@ def start_server(test: TestCase, argv: Sequence[str], port: int | None = None,
                     env=env, cwd=cwd)
     test.addCleanup(server.stop)
     if port is None:
-        return Deferred.fromCoroutine(_ready(server))
+        return succeed(server)
     d = server.wait_for_port(port)
     d.addCallback(lambda _: server)
     return d
-
-
-async def _ready(server: Server) -> Server:
-    return server
 
 
 def run(argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,

@@ -21,6 +21,7 @@ import yaml
 from attrs import define, field
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -136,16 +137,22 @@ class RunningProxy:
 
 
 def start_proxy(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Mapping[str, str],
-                cluster_domain: str = "cluster.local") -> Deferred[RunningProxy]:
+                cluster_domain: str = "cluster.local", endpoint: str | None = None) -> Deferred[RunningProxy]:
     """
-    Serve a proxy on a loopback port in this reactor, with C{objects}
-    (manifest dicts) and C{tokens} (C{{token: username}}).  Stopped at cleanup.
+    Serve a proxy in this reactor, with C{objects} (manifest dicts) and
+    C{tokens} (C{{token: username}}), on a loopback port or on C{endpoint}
+    (a server endpoint string, e.g. C{cptls:0:...}).  Stopped at cleanup.
     """
+    return Deferred.fromCoroutine(_start_proxy(test, objects, tokens, cluster_domain, endpoint))
+
+
+async def _start_proxy(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Mapping[str, str],
+                       cluster_domain: str, endpoint: str | None) -> RunningProxy:
     store = Store()
     verifier = StaticTokens({})
     logs = capture_logs(test)
     site, root, agents = proxy_site(store, verifier, reactor, cluster_domain)
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    port: Any = await serverFromString(reactor, endpoint or "tcp:0:interface=127.0.0.1").listen(site)
     running = RunningProxy(port.getHost().port, store, verifier, logs, root)
     running.set_objects(objects)
     running.set_tokens(tokens)
@@ -159,11 +166,7 @@ def start_proxy(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Ma
         await deferLater(reactor, 0, lambda: None)
 
     test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-
-    async def ready() -> RunningProxy:
-        return running
-
-    return Deferred.fromCoroutine(ready())
+    return running
 
 
 @define
