@@ -167,7 +167,9 @@ class RestThroughProxy(TestCase):
             result = yield self.curl(*extra, "-T", path, self.proxy.path_url("default", "basic", "/up.bin"),
                                      token="bad-" + secrets.token_hex(4))
             self.assertIn(b"HTTP/1.1 401", result.stdout, extra)
-        for access in self.proxy.logs.access():
+        accesses = self.proxy.logs.access()
+        self.assertEqual([a["status"] for a in accesses], [401, 401, 401])
+        for access in accesses:
             # At most what was in flight when the answer went out.
             self.assertLess(access["bytes_in"], 4 * 1024 * 1024)
         self.assertEqual(self.nginx.requests(), [])
