@@ -224,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.output:
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # O_CREAT's mode applies only to a new file: an existing one is
+        # narrowed too, since it is about to hold the client's token.
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
     else:

@@ -17,6 +17,12 @@ from twisted.web.http_headers import Headers
 
 REALM_CHALLENGE = b'Basic realm="connectors-proxy"'
 
+# The answer to an OCI "/v2/" ping, which the proxy gives itself.
+OCI_PING_HEADERS = {
+    b"Content-Type": b"application/json",
+    b"Docker-Distribution-API-Version": b"registry/2.0",
+}
+
 
 class ProxyError(Exception):
     """

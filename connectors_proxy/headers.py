@@ -7,6 +7,7 @@ L{twisted.web.http_headers.Headers}.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
@@ -20,6 +21,10 @@ HOP_BY_HOP = frozenset({
 # Never copied to the upstream: the client's own credentials (they are a
 # Kubernetes token, not the tool's), and the framing Agent writes itself.
 _NOT_UPSTREAM = frozenset({b"authorization", b"host", b"content-length", b"expect"})
+
+# What a client says of the origin it reached is never passed on as is: the
+# proxy says it (or, for registries that build URLs on it, nothing).
+_FORWARDED_ORIGIN = frozenset({b"x-forwarded-host", b"x-forwarded-proto"})
 
 # Never copied back to the client: framing Twisted writes itself, and
 # upstream session cookies: a session opened with the Connector's
@@ -44,19 +49,21 @@ def _copy(headers: Headers, drop: Iterable[bytes]) -> Headers:
 
 
 def upstream_request_headers(client: Headers, client_address: str, client_host: bytes | None,
-                             client_scheme: bytes) -> Headers:
+                             client_scheme: bytes | None, drop: frozenset[bytes] = frozenset()) -> Headers:
     """
     The headers to send upstream for a client request, before credentials
     are added: hop-by-hop fields, the client's Authorization and
-    Proxy-Authorization, Host and Content-Length removed; repeated headers
-    kept in order; C{X-Forwarded-For} extended, C{X-Forwarded-Proto} and
-    C{X-Forwarded-Host} set.
+    Proxy-Authorization, Host, Content-Length and the names in C{drop}
+    removed; repeated headers kept in order; C{X-Forwarded-For} extended,
+    C{X-Forwarded-Proto} and C{X-Forwarded-Host} set when C{client_scheme}
+    and C{client_host} are given (and replaced, not passed on, when not).
     """
-    out = _copy(client, _NOT_UPSTREAM)
+    out = _copy(client, _NOT_UPSTREAM | drop | _FORWARDED_ORIGIN)
     forwarded_for = b", ".join(client.getRawHeaders(b"x-forwarded-for", []))
     addr = client_address.encode("ascii", "replace")
     out.setRawHeaders(b"X-Forwarded-For", [forwarded_for + b", " + addr if forwarded_for else addr])
-    out.setRawHeaders(b"X-Forwarded-Proto", [client_scheme])
+    if client_scheme:
+        out.setRawHeaders(b"X-Forwarded-Proto", [client_scheme])
     if client_host:
         out.setRawHeaders(b"X-Forwarded-Host", [client_host])
     return out
@@ -108,3 +115,22 @@ def rewrite_location(location: bytes, upstream_base: bytes, client_base: bytes,
     if not mapped.startswith(b"/"):
         mapped = b"/" + mapped
     return client_base + mapped if absolute else mapped
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """C{(scheme, host, port)} of an absolute URL, default ports filled in; C{None} if it has none."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if not parts.hostname or scheme not in ("http", "https"):
+        return None
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80)
+
+
+def same_origin(a: str, b: str) -> bool:
+    """Whether two absolute URLs name the same scheme, host and port."""
+    first = origin(a)
+    return first is not None and first == origin(b)

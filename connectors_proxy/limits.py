@@ -122,11 +122,10 @@ class ConcurrencyLimiter:
         arrival order) when it has a queue slot, else a L{LimitExceeded}
         failure.  Cancelling the returned L{Deferred} leaves the queue.
         """
+        permit = self.try_acquire(key)
+        if permit is not None:
+            return succeed(permit)
         lane = self.lane(key)
-        if self.max_active <= 0 or (lane.active < self.max_active and not lane.waiting):
-            lane.active += 1
-            lane.admitted += 1
-            return succeed(Permit(self, lane))
         if len(lane.waiting) >= self.max_queue:
             lane.rejected += 1
             return fail(LimitExceeded(key, lane.active, len(lane.waiting), timed_out=False))

@@ -23,6 +23,8 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from attrs import frozen
 
+from .headers import same_origin
+
 # Repository names, from the distribution specification.
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
@@ -251,16 +253,6 @@ class NameMap:
 
 
 # -- URLs that come back from upstream ------------------------------------------------
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts.scheme, (parts.hostname or "").lower(), port
-
-
-def same_origin(a: str, b: str) -> bool:
-    return _origin(a) == _origin(b)
 
 
 @frozen

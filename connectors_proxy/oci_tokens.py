@@ -11,6 +11,7 @@ token runs out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -38,6 +39,7 @@ class TokenKey:
     credentials: str = ""
 
 
+@functools.lru_cache(maxsize=1024)
 def fingerprint(credentials: RegistryCredentials | None) -> str:
     """A short, non-reversible name for a set of credentials (for cache keys)."""
     if credentials is None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import define, field, frozen
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -40,7 +40,7 @@ from zope.interface import implementer
 
 from .credentials import Credentials
 from .errors import ProxyError, bad_gateway, error_response
-from .headers import client_response_headers, rewrite_location, upstream_request_headers
+from .headers import client_response_headers, rewrite_location, same_origin, upstream_request_headers
 from .interfaces import Identity
 from .objects import Connector, ConnectorClass
 from .routing import Route
@@ -88,6 +88,16 @@ class Target:
     @property
     def upstream_base(self) -> bytes:
         return self.connector.address.encode("utf-8")
+
+    def for_url(self, url: bytes) -> Target:
+        """
+        This target for a request to C{url}: itself on the Connector's own
+        origin; elsewhere (a token realm, blob storage) without the
+        Connector's client certificate.
+        """
+        if self.foreign_agent is None or same_origin(url.decode("latin-1"), self.connector.address):
+            return self
+        return evolve(self, agent=self.foreign_agent)
 
     def upstream_url(self, rest: bytes | None = None) -> bytes:
         return self.upstream_base + (self.route.rest if rest is None else rest)
@@ -181,15 +191,27 @@ class Agents:
         return gatherResults([pool.closeCachedConnections() for pool in self._pools])
 
 
-def request_headers(request: ProxyRequest, target: Target) -> Headers:
-    """The upstream request headers for C{request}, with the Connector's credentials."""
+def forwarded_headers(request: ProxyRequest, origin: bool = True,
+                      drop: frozenset[bytes] = frozenset()) -> Headers:
+    """
+    The client's headers as the upstream gets them, no credentials yet
+    (L{upstream_request_headers}).  C{origin=False} leaves out
+    C{X-Forwarded-Host} and C{-Proto}, for upstreams that would build URLs
+    on them that cannot be mapped back.
+    """
     peer = request.getClientAddress()
-    headers = upstream_request_headers(
+    return upstream_request_headers(
         request.requestHeaders,
         getattr(peer, "host", "unknown"),
-        request.getHeader(b"host"),
-        b"https" if request.isSecure() else b"http",
+        request.getHeader(b"host") if origin else None,
+        (b"https" if request.isSecure() else b"http") if origin else None,
+        drop,
     )
+
+
+def request_headers(request: ProxyRequest, target: Target) -> Headers:
+    """The upstream request headers for C{request}, with the Connector's credentials."""
+    headers = forwarded_headers(request)
     if target.credentials is not None:
         headers.setRawHeaders(b"Authorization", [target.credentials.authorization()])
     return headers
@@ -211,9 +233,11 @@ def _host_for_origin(origin: bytes) -> bytes:
     return b"%b:%d" % (host, uri.port)
 
 
-def describe_failure(reason: Failure, target: Target) -> str:
-    """A one-line explanation of why the upstream could not be reached."""
+def describe_failure(reason: Failure, target: Target, url: bytes | None = None) -> str:
+    """A one-line explanation of why the upstream (at C{url}) could not be reached."""
     address = target.connector.address
+    if url is not None and not same_origin(url.decode("latin-1"), address):
+        address = url.decode("latin-1").split("?", 1)[0]
     inner = reason.value
     if isinstance(inner, (ResponseNeverReceived, ResponseFailed)) and inner.reasons:
         inner = inner.reasons[0].value
@@ -247,7 +271,7 @@ async def send(target: Target, method: bytes, url: bytes, headers: Headers,
     except CancelledError:
         raise ProxyError(499, "CLIENT_CLOSED", "client went away") from None
     except Exception:
-        raise bad_gateway(describe_failure(Failure(), target)) from None
+        raise bad_gateway(describe_failure(Failure(), target, url)) from None
     finally:
         if request is not None:
             cancel()

@@ -27,6 +27,8 @@ from twisted.web.server import NOT_DONE_YET
 
 from . import accesslog, errors, limits
 from .credentials import CredentialsUnavailable, resolve
+from .errors import OCI_PING_HEADERS
+from .headers import same_origin
 from .identity import Presented, presented_token
 from .interfaces import Identity, IIdentityVerifier
 from .objects import Connector, ObjectRef, Secret
@@ -40,11 +42,6 @@ from .tls_serve import client_identity
 
 log = Logger()
 
-OCI_PING_HEADERS = {
-    b"Content-Type": b"application/json",
-    b"Docker-Distribution-API-Version": b"registry/2.0",
-}
-
 
 def is_oci_path(rest: bytes) -> bool:
     return rest == b"/v2" or rest.startswith(b"/v2/")
@@ -52,12 +49,6 @@ def is_oci_path(rest: bytes) -> bool:
 
 def is_oci_ping(rest: bytes) -> bool:
     return rest.split(b"?", 1)[0] in (b"/v2", b"/v2/")
-
-
-def _origin(url: str) -> tuple[str, str, int]:
-    parts = urlsplit(url)
-    default = 443 if parts.scheme == "https" else 80
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default
 
 
 def forward_connector(route_: Route, listed: tuple[ObjectRef, ...],
@@ -69,11 +60,11 @@ def forward_connector(route_: Route, listed: tuple[ObjectRef, ...],
     relative to that address.
     """
     assert route_.origin is not None
-    wanted = _origin(route_.origin.decode("latin-1"))
+    wanted = route_.origin.decode("latin-1")
     path = route_.rest.split(b"?", 1)[0]
     for ref in listed:
         connector = snapshot.connectors.get(ref)
-        if connector is None or _origin(connector.address) != wanted:
+        if connector is None or not same_origin(connector.address, wanted):
             continue
         prefix = urlsplit(connector.address).path.rstrip("/").encode("utf-8")
         if not prefix or path == prefix or path.startswith(prefix + b"/"):
@@ -126,11 +117,7 @@ class ConnectorsResource(Resource):
             if resource is None:
                 raise errors.unavailable(f"protocol {target.connector_class.protocol!r} is not served here")
             if self.limiter is not None:
-                permit = self.limiter.try_acquire(target.connector.ref)
-                if permit is not None:
-                    request.notifyFinish().addBoth(lambda _: permit.release())
-                else:
-                    await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref))
+                await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref))
             await resource.serve(request)
         except errors.ProxyError as e:
             send_error(request, e, oci)

@@ -103,10 +103,7 @@ class DrainProcessTests(TestCase):
 
         return Deferred.fromCoroutine(run_test())
 
-    def test_drain_timeout_cuts_and_exits_0(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._cut())
-
-    def test_cut_logs_no_traceback(self) -> Deferred[None]:
+    def test_drain_timeout_cuts_exits_0_without_traceback(self) -> Deferred[None]:
         async def run_test() -> None:
             log = await self._cut()
             self.assertNotIn("Traceback", log)

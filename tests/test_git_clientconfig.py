@@ -84,6 +84,10 @@ class CommandTests(SynchronousTestCase):
 
     def test_path_mode_and_output_file(self) -> None:
         output = self.mktemp()
+        # An existing, world-readable file is narrowed too: it will hold the token.
+        with open(output, "w") as f:
+            f.write("old\n")
+        os.chmod(output, 0o644)
         code, out, _ = self._main("-o", output, "git", "--connector", "dev/repo", "--address", "https://g",
                                   "--token-file", self._token_file(), "--proxy", "http://127.0.0.1:9")
         self.assertEqual((code, out), (0, ""))

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import IResource
-from zope.interface.verify import verifyObject
 
 from connectors_proxy.oci_auth import parse_challenges
-from connectors_proxy.protocols.oci import NONE, OciResource, Scheme, scheme_of
+from connectors_proxy.protocols.oci import NONE, Scheme, scheme_of
 
 
 class SchemeTests(SynchronousTestCase):
@@ -30,11 +27,3 @@ class SchemeTests(SynchronousTestCase):
     def test_nothing(self) -> None:
         self.assertEqual(scheme_of([]), NONE)
         self.assertEqual(scheme_of(parse_challenges(["Negotiate"])), NONE)
-
-
-class ResourceTests(SynchronousTestCase):
-    def test_is_a_resource(self) -> None:
-        resource = OciResource(Clock())
-        self.assertTrue(verifyObject(IResource, resource))
-        self.assertTrue(resource.isLeaf)
-        self.assertIs(resource.tokens.clock, resource.clock)

@@ -29,7 +29,6 @@ import json
 import zlib
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 from attrs import frozen
 from twisted.logger import Logger
@@ -38,6 +37,7 @@ from twisted.web.http_headers import Headers
 from .. import errors, relay
 from ..accesslog import redact_target
 from ..errors import ProxyError, bad_gateway
+from ..headers import same_origin
 from ..relay import Target
 from ..streaming import ProxyRequest
 from . import ProtocolResource, naming_connector
@@ -51,7 +51,6 @@ LFS_MEDIA_TYPE = b"application/vnd.git-lfs+json"
 # response the proxy should hold in memory.
 LFS_BATCH_LIMIT = 8 * 1024 * 1024
 
-# Upstream 401 bodies are read (to keep the connection reusable) and dropped.
 
 # Headers in an LFS action that carry the Git server's credentials for the
 # transfer.  Dropped for transfers that go through the proxy, which injects
@@ -132,15 +131,6 @@ def _is_credential_header(name: str) -> bool:
     return lower in _CREDENTIAL_HEADERS or "token" in lower or "auth" in lower
 
 
-def _origin(url: str) -> tuple[str, str, int | None] | None:
-    try:
-        parts = urlsplit(url)
-        default = {"http": 80, "https": 443}.get(parts.scheme.lower())
-        return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
-    except ValueError:
-        return None
-
-
 def rewrite_lfs_batch(doc: Any, to_client: Callable[[str], str], upstream_address: str | None = None) -> Any:
     """
     Rewrite a decoded LFS batch response in place and return it: every
@@ -164,7 +154,7 @@ def rewrite_lfs_batch(doc: Any, to_client: Callable[[str], str], upstream_addres
             # Credentials the Git server hands out for its own host are the
             # Connector's business even when the href is outside the address's
             # path prefix (and so cannot be mapped): they never reach the client.
-            own_host = upstream_address is not None and _origin(action["href"]) == _origin(upstream_address)
+            own_host = upstream_address is not None and same_origin(action["href"], upstream_address)
             if mapped == action["href"] and not own_host:
                 continue
             action["href"] = mapped

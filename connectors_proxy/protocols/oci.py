@@ -34,7 +34,7 @@ from __future__ import annotations
 from io import BytesIO
 from urllib.parse import urljoin
 
-from attrs import define, evolve, field, frozen
+from attrs import define, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -43,8 +43,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from .. import relay
-from ..errors import ProxyError, bad_gateway
-from ..headers import client_response_headers, upstream_request_headers
+from ..errors import OCI_PING_HEADERS, ProxyError, bad_gateway
+from ..headers import client_response_headers
 from ..oci_auth import (
     Challenge,
     IssuedToken,
@@ -80,14 +80,10 @@ from . import ProtocolResource, naming_connector
 
 log = Logger()
 
-PING_HEADERS = {
-    b"Content-Type": b"application/json",
-    b"Docker-Distribution-API-Version": b"registry/2.0",
-}
+_NO_COOKIES = frozenset({b"cookie"})
 
 # Token answers are a JWT or an opaque string and a few fields.
 TOKEN_RESPONSE_LIMIT = 1024 * 1024
-# Bodies the proxy reads only to throw away (401s, redirects).
 # Redirects followed for one blob (registry -> CDN -> signed URL ...).
 MAX_REDIRECTS = 5
 
@@ -198,7 +194,7 @@ class OciResource(ProtocolResource):
                 "not a path of the OCI distribution API, or an invalid repository name"
             ))
         if oci.kind == PING:
-            relay.send_bytes(request, 200, PING_HEADERS, b"{}")
+            relay.send_bytes(request, 200, OCI_PING_HEADERS, b"{}")
             return
         names = NameMap.for_path_mode(target.connector.namespace, target.connector.name) \
             if route.oci_path else NameMap()
@@ -211,7 +207,7 @@ class OciResource(ProtocolResource):
     # -- upstream auth ------------------------------------------------------
 
     def _scheme_key(self, target: Target) -> tuple[str, str]:
-        return (f"{target.connector.namespace}/{target.connector.name}", target.connector.address)
+        return (str(target.connector.ref), target.connector.address)
 
     async def _scheme(self, target: Target) -> Scheme:
         """What the registry asks for, from an anonymous C{GET /v2/} (once per Connector)."""
@@ -246,7 +242,7 @@ class OciResource(ProtocolResource):
                 f"the registry names a token realm ({challenge.realm}) that the Connector's credentials "
                 "must not be sent to (plain HTTP behind an HTTPS registry)"
             )
-        key = TokenKey(f"{target.connector.namespace}/{target.connector.name}", challenge.realm,
+        key = TokenKey(str(target.connector.ref), challenge.realm,
                        challenge.service or "", " ".join(scopes), fingerprint(credentials))
         token = await self.tokens.get(
             key, lambda: Deferred.fromCoroutine(self._fetch_token(target, challenge, scopes, credentials)))
@@ -257,7 +253,7 @@ class OciResource(ProtocolResource):
         spec = token_request(challenge, scopes, credentials)
         headers = Headers({name: [value] for name, value in spec.headers.items()})
         body = _bytes_producer(spec.body) if spec.body is not None else None
-        response = await relay.send(target, spec.method, spec.url, headers, body)
+        response = await relay.send(target.for_url(spec.url), spec.method, spec.url, headers, body)
         answer = await relay.read_body(response, TOKEN_RESPONSE_LIMIT)
         if response.code in (401, 403):
             raise refused(target, scopes)
@@ -269,19 +265,12 @@ class OciResource(ProtocolResource):
             raise bad_gateway(str(e)) from None
 
     def _headers(self, request: ProxyRequest, authorization: bytes | None) -> Headers:
-        peer = request.getClientAddress()
-        headers = upstream_request_headers(
-            request.requestHeaders, getattr(peer, "host", "unknown"), request.getHeader(b"host"),
-            b"https" if request.isSecure() else b"http",
-        )
-        # Registry clients keep no cookies; the proxy's own must not leak.
-        headers.removeHeader(b"cookie")
         # Registries build Location and Link URLs on X-Forwarded-Host and
         # -Proto: the client's host with the registry's paths, which path
         # mode and address prefixes cannot map back.  Without them the URLs
-        # name the registry, and are mapped like any other.
-        headers.removeHeader(b"x-forwarded-host")
-        headers.removeHeader(b"x-forwarded-proto")
+        # name the registry, and are mapped like any other.  Registry
+        # clients keep no cookies; the proxy's own must not leak.
+        headers = relay.forwarded_headers(request, origin=False, drop=_NO_COOKIES)
         if authorization is not None:
             headers.setRawHeaders(b"Authorization", [authorization])
         return headers
@@ -361,10 +350,9 @@ class OciResource(ProtocolResource):
             values = request.requestHeaders.getRawHeaders(name)
             if values:
                 headers.setRawHeaders(name, values)
-        # Another origin: no Connector client certificate there either.
-        foreign = evolve(target, agent=target.foreign_agent or target.agent)
         for _ in range(MAX_REDIRECTS):
-            response = await relay.send(foreign, request.method, url.encode("latin-1"), headers, None, request)
+            raw = url.encode("latin-1")
+            response = await relay.send(target.for_url(raw), request.method, raw, headers, None, request)
             location = response.headers.getRawHeaders(b"location")
             if 300 <= response.code < 400 and location:
                 await relay.discard(response)
