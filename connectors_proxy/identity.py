@@ -95,8 +95,8 @@ class InvalidTokenFile(ValueError):
     pass
 
 
-def _digest(token: str) -> bytes:
-    # Tokens are kept hashed so a memory dump or a repr shows none of them.
+def token_digest(token: str) -> bytes:
+    """How tokens are kept (standalone table, review cache keys): hashed, so no repr or dump shows one."""
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
@@ -112,7 +112,7 @@ def parse_token_file(text: str, source: str = "tokens") -> Mapping[bytes, Identi
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
             raise InvalidTokenFile(f"{source}:{lineno}: expected token,user[,uid[,\"groups\"]]")
         groups = tuple(g.strip() for g in row[3].split(",") if g.strip()) if len(row) > 3 else ()
-        table[_digest(row[0].strip())] = Identity(row[1].strip(), row[2].strip() if len(row) > 2 else "", groups)
+        table[token_digest(row[0].strip())] = Identity(row[1].strip(), row[2].strip() if len(row) > 2 else "", groups)
     return table
 
 
@@ -129,7 +129,7 @@ class StaticTokens:
     def authenticate(self, token: str) -> Deferred[Identity | None]:
         # Keys are SHA-256 digests, so a dict lookup leaks nothing useful
         # about the token through timing.
-        return succeed(self.table.get(_digest(token)))
+        return succeed(self.table.get(token_digest(token)))
 
     def authorize(self, identity: Identity, namespace: str, name: str) -> Deferred[bool]:
         return succeed(namespace_rule(identity, namespace))

@@ -53,7 +53,8 @@ _SHA256 = hashes.SHA256()
 # -- CA bundles and client certificates out of Secrets ---------------------------------
 
 
-def _certificates(pem: bytes, what: str) -> list[x509.Certificate]:
+def certificates(pem: bytes, what: str) -> list[x509.Certificate]:
+    """The PEM certificates in C{pem}; L{ValueError} naming C{what} when there are none or one is broken."""
     blocks = _PEM_CERT.findall(pem)
     if not blocks:
         raise ValueError(f"{what} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
@@ -85,7 +86,7 @@ def load_ca_bundle(secret_data: Mapping[str, bytes]) -> bytes:
         raise ValueError(f"no CA certificate: the Secret needs a key {CA_KEYS}")
     out = []
     for key in keys:
-        for cert in _certificates(secret_data[key], f"key {key!r}"):
+        for cert in certificates(secret_data[key], f"key {key!r}"):
             out.append(cert.public_bytes(serialization.Encoding.PEM))
     return b"".join(out)
 
@@ -105,7 +106,7 @@ def load_client_certificate(secret_data: Mapping[str, bytes]) -> tuple[bytes, by
 
 
 def _client_pair(cert_pem: bytes, key_pem: bytes) -> tuple[list[x509.Certificate], crypto.PKey]:
-    certs = _certificates(cert_pem, "key 'tls.crt'")
+    certs = certificates(cert_pem, "key 'tls.crt'")
     key = load_private_key(key_pem, "key 'tls.key'")
     if key.public_key() != certs[0].public_key():
         raise ValueError("key 'tls.key' does not belong to the certificate in 'tls.crt'")
@@ -316,7 +317,7 @@ def upstream_policy(extra_ca_pem: bytes | None, client_cert_pem: bytes | None = 
     certificate; nothing is loaded from the platform until the first
     connection.
     """
-    extra = tuple(_certificates(extra_ca_pem, "CA bundle")) if extra_ca_pem else ()
+    extra = tuple(certificates(extra_ca_pem, "CA bundle")) if extra_ca_pem else ()
     if (client_cert_pem is None) != (client_key_pem is None):
         raise ValueError("a client certificate needs both the certificate and its key")
     chain: tuple[x509.Certificate, ...] = ()

@@ -35,9 +35,9 @@ SA_USER = ("connectors-system", "connectors-proxy")
 #: Exactly what the proxy may do: (apiGroup, resource, verb, namespace or None for cluster-wide).
 EXPECTED_GRANTS = (
     {(GROUP, r, v, None) for r in ("connectors", "connectorclasses") for v in ("get", "list", "watch")}
-    | {(GROUP, "connectors/status", v, None) for v in ("update", "patch")}
+    | {(GROUP, "connectors/status", "update", None)}
     | {("", "secrets", v, None) for v in ("get", "list", "watch")}
-    | {("", "services", v, None) for v in ("create", "update", "patch", "delete", "get", "list", "watch")}
+    | {("", "services", v, None) for v in ("create", "update", "delete", "get", "list", "watch")}
     | {("authentication.k8s.io", "tokenreviews", "create", None),
        ("authorization.k8s.io", "subjectaccessreviews", "create", None)}
     | {("coordination.k8s.io", "leases", v, "connectors-system") for v in ("get", "create", "update")}

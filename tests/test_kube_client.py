@@ -179,7 +179,6 @@ class ClientTests(TestCase):
         await c.list(CONNECTOR_CLASSES)
         await c.create(SERVICES, "team", {"metadata": {"name": "c-harbor"}})
         await c.replace(SERVICES, "team", "c-harbor", {"metadata": {"name": "c-harbor"}})
-        await c.patch(CONNECTORS, "team", "harbor", {"metadata": {"labels": {"x": None}}})
         await c.replace_status(CONNECTORS, "team", "harbor", {"status": {"a": 1}})
         await c.delete(SERVICES, "team", "c-harbor", preconditions={"uid": "u1"})
         await c.create_token_review("client-token", ("aud",))
@@ -197,7 +196,6 @@ class ClientTests(TestCase):
                 ("GET", "/apis/connectors.alauda.io/v1alpha1/connectorclasses"),
                 ("POST", "/api/v1/namespaces/team/services"),
                 ("PUT", "/api/v1/namespaces/team/services/c-harbor"),
-                ("PATCH", "/apis/connectors.alauda.io/v1alpha1/namespaces/team/connectors/harbor"),
                 ("PUT", "/apis/connectors.alauda.io/v1alpha1/namespaces/team/connectors/harbor"
                         "/status"),
                 ("DELETE", "/api/v1/namespaces/team/services/c-harbor"),
@@ -208,11 +206,9 @@ class ClientTests(TestCase):
             self.assertEqual(r[3]["body"], {"apiVersion": "v1", "kind": "Service",
                                             "metadata": {"name": "c-harbor"}})
             self.assertEqual(r[3]["content-type"], "application/json")
-            self.assertEqual(r[5]["content-type"], "application/merge-patch+json")
-            self.assertEqual(r[5]["body"], {"metadata": {"labels": {"x": None}}})
-            self.assertEqual(r[6]["body"]["kind"], "Connector")
-            self.assertEqual(r[7]["body"]["preconditions"], {"uid": "u1"})
-            self.assertEqual(r[8]["body"], {"apiVersion": "authentication.k8s.io/v1",
+            self.assertEqual(r[5]["body"]["kind"], "Connector")
+            self.assertEqual(r[6]["body"]["preconditions"], {"uid": "u1"})
+            self.assertEqual(r[7]["body"], {"apiVersion": "authentication.k8s.io/v1",
                                             "kind": "TokenReview",
                                             "spec": {"token": "client-token",
                                                      "audiences": ["aud"]}})

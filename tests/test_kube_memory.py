@@ -130,7 +130,7 @@ class MemoryKube:
 
     def writes(self) -> int:
         return sum(1 for v, _ in self.calls
-                   if v in ("create", "replace", "patch", "replace_status", "delete"))
+                   if v in ("create", "replace", "replace_status", "delete"))
 
     def go_down(self) -> None:
         """Refuse every request and cut every watch, as a dead API server would."""
@@ -319,16 +319,6 @@ class MemoryKube:
         return self._call("replace_status", resource,
                           lambda: self._update(resource, namespace, name, body, True))
 
-    def patch(self, resource: Resource, namespace: str | None, name: str,
-              patch: JSON) -> Deferred[JSON]:
-        def do() -> JSON:
-            key = self._key(resource, namespace, name)
-            old = self.objects.get(resource.plural, {}).get(key)
-            if old is None:
-                raise KubeError(404, "NotFound", f'{resource.plural} "{name}" not found')
-            new = _merge(copy.deepcopy(old), patch)
-            return self._store(resource, key, new, "MODIFIED")
-        return self._call("patch", resource, do)
 
     def delete(self, resource: Resource, namespace: str | None, name: str,
                preconditions: Mapping[str, str] | None = None) -> Deferred[JSON]:
@@ -378,17 +368,6 @@ class MemoryKube:
                           lambda: {"allowed": bool(self.allow(spec))})
 
 
-def _merge(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict):
-        return patch
-    if not isinstance(target, dict):
-        target = {}
-    for k, v in patch.items():
-        if v is None:
-            target.pop(k, None)
-        else:
-            target[k] = _merge(target.get(k), v)
-    return target
 
 
 def settle(clock: Clock, seconds: float = 0.0, step: float = 0.05) -> None:

@@ -16,16 +16,16 @@ server (TokenReview, then SubjectAccessReview), with short-lived caches.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, TypeVar
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from ..identity import token_digest
 from ..interfaces import Identity, IIdentityVerifier
 from .client import IKubeClient, KubeError
 
@@ -44,7 +44,7 @@ MAX_TOKEN_LENGTH = 16 * 1024
 
 def token_key(token: str) -> str:
     """The cache key for a token: its SHA-256, never the token itself."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+    return token_digest(token).hex()
 
 
 @define
@@ -76,7 +76,7 @@ class ReviewCache:
         if entry is not None:
             if entry.expires > now:
                 self.hits += 1
-                return Deferred.fromCoroutine(_value(entry.value))
+                return succeed(entry.value)
             del self._entries[key]
         d: Deferred[T] = Deferred()
         waiters = self._waiting.get(key)
@@ -113,10 +113,6 @@ class ReviewCache:
         if len(self._entries) >= self.max_entries:
             for key in list(self._entries)[: len(self._entries) // 2]:
                 del self._entries[key]
-
-
-async def _value(value: T) -> T:
-    return value
 
 
 @implementer(IIdentityVerifier)
