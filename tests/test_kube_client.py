@@ -15,14 +15,15 @@ import secrets
 import time
 from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import Certificate, CertificateOptions
 from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import ResponseDone
+from twisted.web.client import ResponseDone, ResponseNeverReceived
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
@@ -248,7 +249,9 @@ class ClientTests(TestCase):
             started = time.monotonic()
             try:
                 await client.get(SERVICES, "a", "b")
-            except Exception:  # noqa: BLE001
+            except ResponseNeverReceived:
+                # The client's own deadline, not an immediate connection error.
+                self.assertGreaterEqual(time.monotonic() - started, 0.15)
                 self.assertLess(time.monotonic() - started, 5)
             else:
                 self.fail("no timeout")
@@ -364,9 +367,16 @@ class TLSTests(TestCase):
     def test_server_name_override(self) -> Deferred[Any]:
         return self.client(tls_server_name="kubernetes.default.svc").get(SERVICES, "a", "b")
 
+    def _refused_by(self, error: ResponseNeverReceived, kind: type, text: str = "") -> None:
+        [reason] = error.reasons
+        self.assertIsInstance(reason.value, kind)
+        self.assertIn(text, str(reason.value))
+        self.assertEqual(self.recorder.requests, [])
+
     def test_wrong_name_refused(self) -> Deferred[Any]:
         d = self.client(tls_server_name="evil.example.com").get(SERVICES, "a", "b")
-        return self.assertFailure(d, Exception)
+        return self.assertFailure(d, ResponseNeverReceived).addCallback(
+            self._refused_by, VerificationError)
 
     def test_unknown_ca_refused(self) -> Deferred[Any]:
         other = CertificateAuthority.generate("other", time.time())
@@ -379,9 +389,11 @@ class TLSTests(TestCase):
 
         def no_request(_: object) -> None:
             self.assertEqual(self.recorder.requests, [])
-        return self.assertFailure(d, Exception).addCallback(no_request)
+        return self.assertFailure(d, ResponseNeverReceived).addCallback(
+            self._refused_by, SSL.Error, "certificate verify failed").addCallback(no_request)
 
     def test_no_client_certificate_refused(self) -> Deferred[Any]:
         client = KubeClient(reactor, KubeConfig(server=self.server, ca_pem=self.ca.cert_pem()))
         self.addCleanup(client.close)
-        return self.assertFailure(client.get(SERVICES, "a", "b"), Exception)
+        return self.assertFailure(client.get(SERVICES, "a", "b"), ResponseNeverReceived).addCallback(
+            self._refused_by, SSL.Error, "certificate required")
