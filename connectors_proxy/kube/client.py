@@ -410,7 +410,6 @@ class KubeClient:
             agent = Agent(reactor, contextFactory=KubeTLSPolicy(config), pool=self.pool,
                           connectTimeout=10)
         self._agent = agent
-        self.requests = 0
         parts = urlsplit(config.server)
         self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}".encode("ascii")
 
@@ -442,7 +441,6 @@ class KubeClient:
     def _send(self, method: bytes, url: bytes, body: object = None,
               content_type: bytes = b"application/json", timeout: float | None = None,
               ) -> Deferred[IResponse]:
-        self.requests += 1
         producer = None
         if body is not None:
             producer = _BytesProducer(json.dumps(body, separators=(",", ":")).encode("utf-8"))

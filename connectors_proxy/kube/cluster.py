@@ -304,7 +304,7 @@ class ClusterMode(Service):
         self.writer: Writer | None = None
         if write:
             self.writer = Writer(self.client, reactor, self.inventory,
-                                 is_leader=self._is_leader, may_write=lambda: self.inventory.synced,
+                                 is_leader=lambda: self.is_leader, may_write=lambda: self.inventory.synced,
                                  max_in_flight=max_in_flight, qps=qps, burst=2 * qps)
             self.inventory.on_dirty = self.writer.enqueue
         self._resync = LoopingCall(self._resync_all)
@@ -316,9 +316,6 @@ class ClusterMode(Service):
 
     @property
     def is_leader(self) -> bool:
-        return self._is_leader()
-
-    def _is_leader(self) -> bool:
         return self.elector is None or self.elector.is_leader
 
     def synced(self) -> Deferred[Any]:
@@ -364,7 +361,7 @@ class ClusterMode(Service):
             self.writer.enqueue_all()
 
     def _resync_all(self) -> None:
-        if self.writer is not None and self.inventory.synced and self._is_leader():
+        if self.writer is not None and self.inventory.synced and self.is_leader:
             self.writer.enqueue_all()
 
 

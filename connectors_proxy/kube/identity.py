@@ -136,8 +136,6 @@ class KubeIdentityVerifier:
     max_in_flight: int = 64
     tokens: ReviewCache = field(init=False)
     access: ReviewCache = field(init=False)
-    token_reviews: int = 0
-    access_reviews: int = 0
     in_flight: int = 0
 
     def __attrs_post_init__(self) -> None:
@@ -165,7 +163,6 @@ class KubeIdentityVerifier:
             # TokenReviews against the API server: past the cap, refuse
             # with 503 (clients retry) instead of queueing without bound.
             raise ReviewUnavailable("too many token reviews in flight")
-        self.token_reviews += 1
         self.in_flight += 1
         try:
             status = await self.client.create_token_review(token, self.audiences)
@@ -202,7 +199,6 @@ class KubeIdentityVerifier:
                                     "resourceAttributes": attributes}
             if identity.uid:
                 spec["uid"] = identity.uid
-            self.access_reviews += 1
             try:
                 status = await self.client.create_subject_access_review(spec)
             except Exception as e:  # noqa: BLE001 - any failure: the answer cannot be had

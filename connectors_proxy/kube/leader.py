@@ -60,7 +60,6 @@ class LeaderElector:
     retry_period: float = 2.0
     random: Callable[[], float] = random.random
     is_leader: bool = False
-    transitions: int = 0
     _callbacks: list[Callable[[bool], None]] = field(factory=list)
     _observed: tuple[Any, ...] | None = None
     _observed_at: float = 0.0
@@ -125,7 +124,6 @@ class LeaderElector:
             return
         self.is_leader = leader
         if leader:
-            self.transitions += 1
             log.info("{identity} now leads {ns}/{name}", identity=self.identity,
                      ns=self.namespace, name=self.name)
         for callback in list(self._callbacks):

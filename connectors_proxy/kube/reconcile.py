@@ -34,7 +34,6 @@ CLASS_READY = "ConnectorClassReady"
 SECRET_READY = "SecretReady"
 SERVICE_READY = "ProxyServiceReady"
 READY = "Ready"
-OUR_CONDITIONS = (CLASS_READY, SECRET_READY, SERVICE_READY, READY)
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 

@@ -386,8 +386,6 @@ class Writer:
     async def _write_status(self, key: Key, raw: JSON, status: JSON) -> None:
         await self._write_allowed()
         body = {**raw, "status": status}
-        body.setdefault("apiVersion", CONNECTORS.api_version)
-        body.setdefault("kind", CONNECTORS.kind)
         try:
             written = await self.client.replace_status(CONNECTORS, key[0], key[1], body)
         except KubeError as e:

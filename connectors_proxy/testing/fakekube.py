@@ -272,9 +272,6 @@ class FakeKube:
         self._tokens[token] = Token(user, None if audiences is None else tuple(audiences), expires)
         return user
 
-    def revoke_token(self, token: str) -> None:
-        self._tokens.pop(token, None)
-
     def allow(self, *, user: str | None = None, group: str | None = None, verbs: Iterable[str],
               api_groups: Iterable[str] = ("",), resources: Iterable[str], namespace: str | None = None,
               names: Iterable[str] = ()) -> None:
