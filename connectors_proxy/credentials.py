@@ -38,7 +38,14 @@ class BasicCredentials:
 
 @frozen
 class BearerCredentials:
+    """
+    A token.  C{identity} marks a registry identity token (a docker
+    config's C{identitytoken}): an OAuth2 refresh token that registries
+    exchange for access tokens, never sent as a password.
+    """
+
     token: str = field(repr=False)
+    identity: bool = False
 
     def authorization(self) -> bytes:
         return b"Bearer " + self.token.encode("utf-8")
@@ -104,7 +111,7 @@ def from_dockerconfig(secret: Secret, address: str) -> Credentials:
                 break
             return BasicCredentials(user, password)
         if entry.get("identitytoken"):
-            return BearerCredentials(str(entry["identitytoken"]))
+            return BearerCredentials(str(entry["identitytoken"]), identity=True)
     raise CredentialsUnavailable(
         "InvalidSecret", f"Secret {secret.ref}: .dockerconfigjson has no usable entry for {target.netloc}"
     )

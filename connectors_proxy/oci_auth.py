@@ -204,12 +204,15 @@ def registry_credentials(credentials: Credentials | None) -> RegistryCredentials
     (L{connectors_proxy.credentials.resolve}, SPEC section 2): Basic ones
     as they are; a bearer token as the password at the token realm (with
     L{DEFAULT_TOKEN_USERNAME}), or as a bearer token for a registry that
-    asks for one directly.  C{None} (anonymous) stays C{None}.
+    asks for one directly; a docker config's identity token as the OAuth2
+    refresh token at the realm.  C{None} (anonymous) stays C{None}.
     """
     if credentials is None:
         return None
     if isinstance(credentials, BasicCredentials):
         return RegistryCredentials(credentials.username, credentials.password)
+    if credentials.identity:
+        return RegistryCredentials(DEFAULT_TOKEN_USERNAME, identity_token=credentials.token)
     return RegistryCredentials(DEFAULT_TOKEN_USERNAME, password=credentials.token, bearer=credentials.token)
 
 

@@ -55,10 +55,12 @@ class FromSecret(SynchronousTestCase):
             "other.example.com": {"auth": base64.b64encode(b"x:y").decode()},
             "https://harbor.example.com/v1/": {"auth": base64.b64encode(b"robot:pw").decode()},
             "reg.example.com:5000": {"username": "u2", "password": "p2"},
+            "id.example.com": {"identitytoken": "refresh-me"},
         }}
         secret = _secret("kubernetes.io/dockerconfigjson", **{".dockerconfigjson": json.dumps(config).encode()})
         self.assertEqual(from_secret(secret, "https://harbor.example.com"), BasicCredentials("robot", "pw"))
         self.assertEqual(from_secret(secret, "http://reg.example.com:5000"), BasicCredentials("u2", "p2"))
+        self.assertEqual(from_secret(secret, "https://id.example.com"), BearerCredentials("refresh-me", identity=True))
         self.assertRaises(CredentialsUnavailable, from_secret, secret, "https://nowhere.example.com")
 
     def test_missing_key_named(self) -> None:

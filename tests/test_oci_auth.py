@@ -93,6 +93,11 @@ class CredentialTests(SynchronousTestCase):
         self.assertEqual((creds.password, creds.bearer), ("t0k", "t0k"))
         self.assertTrue(creds.username)
 
+    def test_identity_token_is_a_refresh_token(self) -> None:
+        creds = registry_credentials(BearerCredentials("refresh-me", identity=True))
+        assert creds is not None
+        self.assertEqual((creds.identity_token, creds.password, creds.bearer), ("refresh-me", None, None))
+
     def test_anonymous(self) -> None:
         self.assertIsNone(registry_credentials(None))
 

@@ -18,7 +18,7 @@ What this module adds to the shared relay:
    realm request among concurrent requests.  C{Basic} registries get the
    credentials themselves.  A 401 for a request without a body (which can
    be sent again) refreshes the token once, with the scopes the challenge
-   names, and retries.  No token, challenge or realm ever reaches the client.
+   names, and retries.  No token or challenge ever reaches the client (an error may name the realm URL).
  - Path mode: repository names C{namespaces/NS/connectors/NAME/REPO} (the
    router already strips the prefix from the path) are mapped back in
    C{Location}, C{Link}, C{from=}/C{last=}, tag lists, catalogs and error
