@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from .tls_mint import load_private_key
+from .tls_mint import load_pair
 
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
@@ -106,10 +106,7 @@ def load_client_certificate(secret_data: Mapping[str, bytes]) -> tuple[bytes, by
 
 
 def _client_pair(cert_pem: bytes, key_pem: bytes) -> tuple[list[x509.Certificate], crypto.PKey]:
-    certs = certificates(cert_pem, "key 'tls.crt'")
-    key = load_private_key(key_pem, "key 'tls.key'")
-    if key.public_key() != certs[0].public_key():
-        raise ValueError("key 'tls.key' does not belong to the certificate in 'tls.crt'")
+    certs, key = load_pair(cert_pem, key_pem, "key 'tls.crt'", "key 'tls.key'")
     return certs, crypto.PKey.from_cryptography_key(key)  # type: ignore[arg-type]
 
 

@@ -61,6 +61,22 @@ def load_private_key(key_pem: bytes, what: str) -> PrivateKeyTypes:
         raise ValueError(f"{what} is not an unencrypted PEM private key ({e})") from None
 
 
+def load_pair(cert_pem: bytes, key_pem: bytes, cert_what: str,
+              key_what: str) -> tuple[list[x509.Certificate], PrivateKeyTypes]:
+    """
+    A certificate chain (leaf first) and its private key, checked to belong
+    together.  L{ValueError} naming C{cert_what} or C{key_what} otherwise.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError as e:
+        raise ValueError(f"{cert_what} holds no valid PEM certificate ({e})") from None
+    key = load_private_key(key_pem, key_what)
+    if key.public_key() != certs[0].public_key():
+        raise ValueError(f"{key_what} does not belong to the certificate in {cert_what}")
+    return certs, key
+
+
 def _san_entry(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))

@@ -48,7 +48,7 @@ from zope.interface import implementer
 
 from connectors_proxy.interfaces import Identity
 from connectors_proxy.routing import host_connector
-from connectors_proxy.tls_mint import LEAF_LIFETIME, CertificateAuthority, Leaf, LeafCache, load_private_key
+from connectors_proxy.tls_mint import LEAF_LIFETIME, CertificateAuthority, Leaf, LeafCache, load_pair
 
 log = Logger()
 
@@ -110,13 +110,7 @@ def _read(path: str | None, what: str) -> bytes | None:
 
 
 def _load_pair(cert_pem: bytes, key_pem: bytes, what: str) -> Leaf:
-    try:
-        certs = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError as e:
-        raise ValueError(f"{what}: no valid PEM certificate ({e})") from None
-    key = load_private_key(key_pem, f"{what}: the private key")
-    if key.public_key() != certs[0].public_key():
-        raise ValueError(f"{what}: the private key does not belong to the certificate")
+    certs, key = load_pair(cert_pem, key_pem, what, f"{what}: the private key")
     return Leaf(certs[0], key, tuple(certs[1:]))
 
 
