@@ -260,7 +260,7 @@ class StateCollector:
             for key, lane in _lanes(limiter):
                 labels = list(_split(key))
                 active.add_metric(labels, lane.active)
-                queued.add_metric(labels, len(lane.waiting))
+                queued.add_metric(labels, lane.n_waiting)
                 admitted.add_metric(labels, lane.admitted)
                 rejected.add_metric(labels, lane.rejected)
                 timed_out.add_metric(labels, lane.timed_out)

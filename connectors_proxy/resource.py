@@ -117,7 +117,8 @@ class ConnectorsResource(Resource):
             if resource is None:
                 raise errors.unavailable(f"protocol {target.connector_class.protocol!r} is not served here")
             if self.limiter is not None:
-                await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref))
+                await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref),
+                                   target.identity.username)
             await resource.serve(request)
         except errors.ProxyError as e:
             send_error(request, e, oci)

@@ -41,6 +41,13 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "examples")
 EXAMPLE_MANIFESTS = os.path.join(EXAMPLES, "manifests")
 EXAMPLE_TOKENS = os.path.join(EXAMPLES, "tokens.csv")
 
+# The default listeners.  With the bundled examples, whose tokens are in the
+# README for anyone to use, they bind loopback only.
+DEFAULT_LISTEN = "tcp:8080"
+DEFAULT_ADMIN = "tcp:9090"
+DEMO_LISTEN = "tcp:8080:interface=127.0.0.1"
+DEMO_ADMIN = "tcp:9090:interface=127.0.0.1"
+
 
 class Options(usage.Options):
     synopsis = "[options]"
@@ -54,7 +61,8 @@ class Options(usage.Options):
         ["leader-elect", None, "Cluster mode: only the Lease holder writes Services and status."],
     ]
     optParameters = [
-        ["admin", None, "tcp:9090", "Endpoint of the health and metrics listener."],
+        ["admin", None, None, f"Endpoint of the health and metrics listener (default {DEFAULT_ADMIN}; "
+                              f"{DEMO_ADMIN} on the bundled examples)."],
         ["tokens", None, None, "Standalone client tokens: CSV lines token,user,uid,\"group1,group2\"."],
         ["kubeconfig", None, None, "Cluster mode, configured from this kubeconfig file."],
         ["cluster-domain", None, "cluster.local", "The cluster's DNS domain."],
@@ -79,7 +87,7 @@ class Options(usage.Options):
         self["manifests"] = []
 
     def opt_listen(self, endpoint: str) -> None:
-        """Endpoint to serve the proxy on (repeatable; default tcp:8080)."""
+        """Endpoint to serve the proxy on (repeatable; default tcp:8080, loopback only on the bundled examples)."""
         self["listen"].append(endpoint)
 
     def opt_manifests(self, path: str) -> None:
@@ -93,8 +101,19 @@ class Options(usage.Options):
             fail(f"{e} (see --help)")
 
     def postOptions(self) -> None:
+        # The bundled examples with their public tokens: anyone who can reach
+        # the port could use them, so listen where only this machine can.
+        # Given endpoints are kept as they are: the operator chose them.
+        demo = not (self["manifests"] or self["tokens"] or self["kubeconfig"] or self["in-cluster"])
+        self["loopback"] = []  # the defaulted endpoints that bind loopback, for the startup line
         if not self["listen"]:
-            self["listen"] = ["tcp:8080"]
+            self["listen"] = [DEMO_LISTEN if demo else DEFAULT_LISTEN]
+            if demo:
+                self["loopback"].append(DEMO_LISTEN)
+        if self["admin"] is None:
+            self["admin"] = DEMO_ADMIN if demo else DEFAULT_ADMIN
+            if demo:
+                self["loopback"].append(f"admin {DEMO_ADMIN}")
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
         if self["log-level"] not in logformat.LEVELS:
@@ -221,7 +240,12 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
         metrics.track_source("manifests", lambda: source.last_success)
         reloader.add("manifests and tokens", source.poll)
         if options["examples"]:
-            log.warn("no --manifests given: serving the bundled examples from {path}", path=EXAMPLE_MANIFESTS)
+            loopback = ""
+            if options.get("loopback"):
+                loopback = (f"; their tokens are public, so it listens on loopback only"
+                            f" ({', '.join(options['loopback'])}): give --manifests and --tokens to serve others")
+            log.warn("no --manifests given: serving the bundled examples from {path}{loopback}",
+                     path=EXAMPLE_MANIFESTS, loopback=loopback)
     else:
         from .kube.cluster import cluster_service
         cluster = cluster_service(options, reactor)

@@ -117,6 +117,59 @@ class BundledExamples(TestCase):
         self.assertEqual(result.stdout, b"ready\n")
 
 
+class DemoBinding(TestCase):
+    """
+    The bundled examples' tokens are public: with them, the default
+    listeners bind loopback only, and the startup line says so.
+    """
+
+    def options(self, *args: str) -> dict[str, object]:
+        from connectors_proxy.tap import Options
+        options = Options()
+        options.parseOptions(list(args))
+        return options
+
+    def startup_lines(self, options: dict[str, object]) -> list[str]:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from connectors_proxy.tap import make_service
+        events: list[dict[str, object]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        make_service(options, MemoryReactorClock())  # type: ignore[arg-type]
+        return [line for line in map(formatEvent, events) if "bundled examples" in line]
+
+    def test_examples_listen_on_loopback(self) -> None:
+        options = self.options()
+        self.assertEqual(options["listen"], ["tcp:8080:interface=127.0.0.1"])
+        self.assertEqual(options["admin"], "tcp:9090:interface=127.0.0.1")
+        [line] = self.startup_lines(options)
+        self.assertIn("loopback only (tcp:8080:interface=127.0.0.1, admin tcp:9090:interface=127.0.0.1)", line)
+        self.assertIn("public", line)
+
+    def test_explicit_endpoints_are_kept(self) -> None:
+        options = self.options("--listen", "tcp:8080")
+        self.assertEqual(options["listen"], ["tcp:8080"])
+        # Only the defaulted one binds loopback, and the line names only it.
+        self.assertEqual(options["admin"], "tcp:9090:interface=127.0.0.1")
+        [line] = self.startup_lines(options)
+        self.assertIn("loopback only (admin tcp:9090:interface=127.0.0.1)", line)
+        options = self.options("--listen", "tcp:8080", "--admin", "tcp:9090")
+        self.assertEqual((options["listen"], options["admin"]), (["tcp:8080"], "tcp:9090"))
+        [line] = self.startup_lines(options)
+        self.assertNotIn("loopback", line)
+
+    def test_own_tokens_keep_the_usual_defaults(self) -> None:
+        folder = self.mktemp()
+        os.makedirs(folder)
+        tokens = os.path.join(folder, "tokens.csv")
+        with open(tokens, "w") as f:
+            f.write("t,system:serviceaccount:default:a,1\n")
+        options = self.options("--tokens", tokens)
+        self.assertEqual((options["listen"], options["admin"]), (["tcp:8080"], "tcp:9090"))
+
+
 class Operating(TestCase):
     timeout = 300
 

@@ -7,6 +7,7 @@ while another stays fast.
 from __future__ import annotations
 
 import time
+from collections.abc import Hashable
 from typing import Any
 
 import treq
@@ -124,6 +125,161 @@ class LimiterTests(SynchronousTestCase):
         self.assertTrue(quick.called)
         self.assertIsInstance(_result(later), Permit)
         self.assertEqual(self.limiter.lane("a").active, 2)
+
+
+class FairnessTests(SynchronousTestCase):
+    """
+    Turns between identities on one lane (max 4 slots, so a share of 2): an
+    identity alone may use every slot; once another identity waits, freed
+    slots go to the identities in turn and none is admitted past 2.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.limiter = ConcurrencyLimiter(self.clock, max_active=4, max_queue=8, queue_timeout=5.0)
+        self.lane = self.limiter.lane("shared")
+        self.order: list[str] = []
+
+    def request(self, who: str) -> Deferred[Permit]:
+        """Ask for a slot as C{who}; admissions are recorded in C{self.order}."""
+        def admitted(permit: Permit) -> Permit:
+            self.order.append(who)
+            return permit
+        return self.limiter.acquire("shared", who).addCallback(admitted)
+
+    def test_alone_an_identity_uses_every_slot(self) -> None:
+        requests = [self.request("a") for _ in range(8)]
+        self.assertEqual(self.order, ["a"] * 4)
+        self.assertEqual((self.lane.held, self.lane.n_waiting), ({"a": 4}, 4))
+        # Nobody else waits: its own next request takes the freed slot.
+        _result(requests[0]).release()
+        self.assertEqual(self.order, ["a"] * 5)
+        self.assertEqual(self.lane.held, {"a": 4})
+        for d in requests[5:]:
+            d.addErrback(lambda f: None).cancel()
+
+    def test_another_identity_gets_the_next_free_slot(self) -> None:
+        heavy = [self.request("a") for _ in range(8)]
+        light = [self.request("b") for _ in range(2)]
+        self.assertEqual(self.lane.held, {"a": 4})
+        _result(heavy[0]).release()
+        # b's first request, not a's fifth, although a asked first.
+        self.assertEqual(self.order[4:], ["b"])
+        self.assertEqual(self.lane.held, {"a": 3, "b": 1})
+        _result(heavy[1]).release()
+        # a holds 2 (its share) and b still waits: b again.
+        self.assertEqual(self.order[4:], ["b", "b"])
+        self.assertEqual(self.lane.held, {"a": 2, "b": 2})
+        # b has nobody waiting any more: a alone may take what b frees.
+        _result(light[0]).release()
+        self.assertEqual(self.order[4:], ["b", "b", "a"])
+        self.assertEqual(self.lane.held, {"a": 3, "b": 1})
+        for d in heavy[5:]:
+            d.addErrback(lambda f: None).cancel()
+
+    def test_heavy_identity_never_admitted_past_half_while_others_wait(self) -> None:
+        held: list[Permit] = []
+        over: list[dict[Hashable, int]] = []
+
+        def watch(permit: Permit, who: str) -> Permit:
+            others_wait = any(w != who for w in self.lane.turns)
+            if others_wait and self.lane.held[who] > self.limiter.share:
+                over.append(dict(self.lane.held))
+            held.append(permit)
+            return permit
+
+        for _ in range(8):
+            self.limiter.acquire("shared", "a").addCallback(watch, "a")
+        for who in ("b", "c", "b", "c"):
+            self.limiter.acquire("shared", who).addCallback(watch, who)
+        # Release the oldest permit, one at a time, until everybody is served.
+        while held:
+            held.pop(0).release()
+        self.assertEqual(over, [])
+        self.assertEqual((self.lane.active, self.lane.n_waiting, self.lane.held), (0, 0, {}))
+        self.assertEqual(self.lane.admitted, 12)
+
+    def test_round_robin(self) -> None:
+        limiter = ConcurrencyLimiter(self.clock, max_active=1, max_queue=8)
+        first = _result(limiter.acquire("k", "x"))
+        order: list[str] = []
+        for who in ("a", "a", "a", "b", "b", "c"):
+            limiter.acquire("k", who).addCallback(lambda p, who=who: order.append(who) or p.release())
+        first.release()
+        self.assertEqual(order, ["a", "b", "c", "a", "b", "a"])
+
+    def test_queue_timeout(self) -> None:
+        for _ in range(4):
+            self.request("a")
+        a = self.request("a")
+        b = self.request("b")
+        self.clock.advance(5.1)
+        for d in (a, b):
+            failure = _result(d)
+            self.assertIsInstance(failure.value, LimitExceeded)
+            self.assertTrue(failure.value.timed_out)
+        self.assertEqual((self.lane.n_waiting, self.lane.timed_out), (0, 2))
+        self.assertEqual((dict(self.lane.queues), list(self.lane.turns)), ({}, []))
+
+    def test_cancelled_waiter_no_longer_holds_back_others(self) -> None:
+        heavy = [self.request("a") for _ in range(5)]
+        light = self.request("b")
+        light.addErrback(lambda f: None)
+        light.cancel()
+        self.assertEqual((self.lane.n_waiting, list(self.lane.turns)), (1, ["a"]))
+        # b is gone: a's fifth request takes the freed slot.
+        _result(heavy[0]).release()
+        self.assertEqual(self.order, ["a"] * 5)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_full_queue_pushes_out_the_identity_with_most_waiters(self) -> None:
+        """
+        A queue of 4 filled by one identity: a newcomer takes the place of
+        that identity's newest waiter, until every identity has as many as
+        the newcomer would; then the newcomer is refused.
+        """
+        limiter = ConcurrencyLimiter(self.clock, max_active=2, max_queue=4)
+        lane = limiter.lane("k")
+        for _ in range(2):
+            limiter.acquire("k", "a")
+        flood = [limiter.acquire("k", "a") for _ in range(4)]
+        # Alone, a may fill the queue; its next request is refused.
+        own = _result(limiter.acquire("k", "a"))
+        self.assertFalse(own.value.displaced)
+        b = limiter.acquire("k", "b")
+        self.assertFalse(b.called)
+        pushed = _result(flood[3])
+        self.assertIsInstance(pushed.value, LimitExceeded)
+        self.assertEqual((pushed.value.timed_out, pushed.value.displaced), (False, True))
+        for who in ("c", "d"):
+            self.assertFalse(limiter.acquire("k", who).called)
+        self.assertTrue(flood[2].called and flood[1].called)
+        self.assertFalse(flood[0].called)
+        self.assertEqual({who: len(q) for who, q in lane.queues.items()}, {"a": 1, "b": 1, "c": 1, "d": 1})
+        # Everybody has one waiter: a fifth identity is refused, nobody is pushed out.
+        refused = _result(limiter.acquire("k", "e"))
+        self.assertFalse(refused.value.displaced)
+        self.assertEqual((lane.n_waiting, lane.rejected, lane.queued), (4, 5, 7))
+        for d in flood[:3]:
+            d.addErrback(lambda f: None)
+
+    def test_admit_queues_by_identity(self) -> None:
+        """
+        L{admit} queues the request as its identity: pushed out of a full
+        queue by another identity, it gets a 503 that says why.
+        """
+        limiter = ConcurrencyLimiter(self.clock, max_active=1, max_queue=2)
+        _result(limiter.acquire("k", "a"))
+        limiter.acquire("k", "a").addErrback(lambda f: None)
+        request = DummyRequest([b""])
+        d = Deferred.fromCoroutine(admit(limiter, request, "k", "ns/shared", "a"))
+        self.assertEqual({who: len(q) for who, q in limiter.lane("k").queues.items()}, {"a": 2})
+        limiter.acquire("k", "b")
+        failure = _result(d)
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn("this client had the most requests", failure.value.message)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"retry-after"), [str(RETRY_AFTER).encode()])
+        self.assertEqual({who: len(q) for who, q in limiter.lane("k").queues.items()}, {"a": 1, "b": 1})
 
 
 class AdmitTests(SynchronousTestCase):
