@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IServiceCollection
 from twisted.application.strports import service as strport_service
@@ -147,17 +147,8 @@ class Options(usage.Options):
             self["manifests"] = [EXAMPLE_MANIFESTS]
             if not self["tokens"]:
                 self["tokens"] = EXAMPLE_TOKENS
-        if not cluster:
-            if self["tokens"] is None:
-                raise usage.UsageError("standalone mode needs --tokens FILE (the clients' tokens)")
-            # Load now, so that a broken manifest stops the daemon with one line.
-            source = ManifestSource(reactor=None, paths=self["manifests"], store=Store(),  # type: ignore[arg-type]
-                                    tokens_path=self["tokens"])
-            try:
-                source.load_now()
-            except ManifestError as e:
-                fail(str(e))
-            self["source"] = source
+        if not cluster and self["tokens"] is None:
+            raise usage.UsageError("standalone mode needs --tokens FILE (the clients' tokens)")
 
 
 def check_endpoint(option: str, description: str) -> None:
@@ -170,7 +161,7 @@ def check_endpoint(option: str, description: str) -> None:
         raise usage.UsageError(f"{option} {description!r}: {e}") from None
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """One line on stderr and a non-zero exit: never a traceback."""
     sys.stderr.write(f"connectors-proxy: {message}\n")
     sys.stderr.flush()
@@ -231,10 +222,16 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
     store: Store
     verifier: IIdentityVerifier
     if options["mode"] == "standalone":
-        source: ManifestSource = options["source"]
-        source.reactor = reactor
+        source = ManifestSource(reactor=reactor, paths=options["manifests"], store=Store(),
+                                tokens_path=options["tokens"])
+        # Loaded before anything listens, so a broken manifest stops the
+        # daemon with one line.
+        try:
+            source.load_now()
+        except ManifestError as e:
+            fail(str(e))
         source.setServiceParent(top)
-        assert source.tokens is not None  # loaded with the manifests, in postOptions
+        assert source.tokens is not None  # load_now read the token file
         store, verifier = source.store, source.tokens
         source.on_reload.append(lambda ok: metrics.reload("manifests", ok))
         metrics.track_source("manifests", lambda: source.last_success)
@@ -248,7 +245,11 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
                      path=EXAMPLE_MANIFESTS, loopback=loopback)
     else:
         from .kube.cluster import cluster_service
-        cluster = cluster_service(options, reactor)
+        from .kube.config import KubeConfigError
+        try:
+            cluster = cluster_service(options, reactor)
+        except KubeConfigError as e:
+            fail(str(e))
         cluster.setServiceParent(top)
         store, verifier = cluster.store, cluster.verifier
         for review, attribute in (("token", "tokens"), ("access", "access")):

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from connectors_proxy.kube.cluster import ClusterMode, cluster_service
@@ -186,12 +187,25 @@ class ClusterServiceTests(SynchronousTestCase):
         self.assertFalse(mode.inventory.serve_tls)
         self.assertIsNone(mode.elector)
 
+    def test_bad_kubeconfig_raises_naming_the_file(self) -> None:
+        """
+        C{cluster_service} raises; the daemon (C{tap.make_service}) turns
+        that into one line and exit status 2.
+        """
+        error = self.assertRaises(KubeConfigError, cluster_service,
+                                  self.options(kubeconfig="/nonexistent/config"), Clock())
+        self.assertIn("/nonexistent/config", str(error))
+
     def test_bad_kubeconfig_exits_with_one_line(self) -> None:
         import io
         import sys
+
+        from connectors_proxy.tap import Options, make_service
         err = io.StringIO()
         self.patch(sys, "stderr", err)
-        self.assertRaises(SystemExit, cluster_service,
-                          self.options(kubeconfig="/nonexistent/config"), Clock())
+        options = Options()
+        options.parseOptions(["--kubeconfig", "/nonexistent/config"])
+        exit_ = self.assertRaises(SystemExit, make_service, options, MemoryReactorClock())
+        self.assertEqual(exit_.code, 2)
         self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
         self.assertIn("/nonexistent/config", err.getvalue())

@@ -53,7 +53,7 @@ from .client import (
     IKubeClient,
     KubeClient,
 )
-from .config import KubeConfig, KubeConfigError, load_in_cluster, load_kubeconfig
+from .config import KubeConfig, load_in_cluster, load_kubeconfig
 from .identity import KubeIdentityVerifier
 from .leader import LeaderElector
 from .reconcile import MANAGED_BY, MANAGED_BY_LABEL, World, connector_name_of_service
@@ -378,18 +378,15 @@ def cluster_service(options: Mapping[str, Any], reactor: Any) -> ClusterMode:
     C{--kubeconfig PATH} or C{--in-cluster}, C{--cluster-domain},
     C{--leader-elect}, C{--lease-namespace}, C{--review-cache-seconds},
     C{--token-audience}; Services get an C{https} port when a C{--listen}
-    endpoint serves TLS.  A configuration that cannot be loaded stops the
-    daemon with one line on stderr.
+    endpoint serves TLS.
+
+    @raise KubeConfigError: the configuration cannot be loaded (the caller
+        decides how to report it: the daemon exits with one line).
     """
-    try:
-        if options.get("kubeconfig"):
-            config = load_kubeconfig(options["kubeconfig"])
-        else:
-            config = load_in_cluster()
-    except KubeConfigError as e:
-        from ..tap import fail
-        fail(str(e))
-        raise  # fail() exits; this keeps type checkers informed
+    if options.get("kubeconfig"):
+        config = load_kubeconfig(options["kubeconfig"])
+    else:
+        config = load_in_cluster()
     audiences = tuple(a.strip() for a in (options.get("token-audience") or "").split(",")
                       if a.strip())
     serve_tls = any(str(e).split(":", 1)[0] in ("ssl", "tls", "cptls") for e in options.get("listen") or ())
