@@ -277,7 +277,7 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
             # Mint only for Connectors that exist: random SNI names must not
             # make the proxy mint certificates on the reactor thread.
             served.known = lambda ns, name: store.snapshot.connector(ns, name) is not None
-            reloader.add("certificates", lambda t=served: metrics.reload("certificates", t.reload()))  # type: ignore[misc]
+            # Its reload is the one reloadable_tls returned above: added once.
     root.observers.append(metrics.observe)
     oci = root.protocols.get("oci")
     if isinstance(oci, OciResource):

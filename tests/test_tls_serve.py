@@ -243,6 +243,23 @@ class ReloadTests(SynchronousTestCase):
 # -- real handshakes ------------------------------------------------------------------------
 
 
+class DaemonReloadTests(SynchronousTestCase):
+    """The daemon's SIGHUP list names a C{cptls:} listener's certificates once."""
+
+    def test_cptls_reloaded_once(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+
+        from connectors_proxy.drain import Signals
+        from connectors_proxy.tap import Options, make_service
+        pki = Pki(self.mktemp(), time.time())
+        options = Options()
+        options.parseOptions(["--listen", pki.endpoint(0), "--admin", "tcp:0:interface=127.0.0.1"])
+        top = make_service(options, MemoryReactorClock(), signals=True)
+        [signals] = [s for s in top if isinstance(s, Signals)]
+        names = [name for name, _ in signals.reloader.actions]
+        self.assertEqual(names.count("certificates"), 1, names)
+
+
 class Hello(Resource):
     isLeaf = True
 
