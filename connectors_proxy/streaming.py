@@ -15,7 +15,13 @@ client: when its send buffer fills, reading from the client pauses.
 The channel also hardens the parser: headers over the limit get 431, a TLS
 ClientHello on a plain listener is closed at once, a request that is
 refused before its body was read closes the connection after a short
-bounded drain (so the client sees the answer rather than a reset).
+bounded drain (so the client sees the answer rather than a reset).  What
+could frame a request differently here than at the upstream (request
+smuggling) gets 400 and the connection closed: a C{Transfer-Encoding}
+other than C{chunked} or on HTTP/1.0, obs-folded header lines, a second
+C{Host}, control characters in a header value, a chunk size over 2^53
+(besides what Twisted refuses itself: C{Content-Length} with
+C{Transfer-Encoding}, two of either, a malformed length or chunk).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import time
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -50,6 +57,35 @@ STREAM_BUFFER = 512 * 1024
 # The first byte of a TLS record carrying a handshake (a ClientHello): no
 # HTTP request starts with it.
 _TLS_HANDSHAKE = b"\x16"
+
+# Control characters that may not appear in a header value (RFC 9110 section
+# 5.5; HTAB is allowed).  Twisted itself only refuses NUL, CR and LF.
+_CONTROL_CHARACTERS = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
+
+# The largest chunk size accepted: beyond it, other parsers (JavaScript's
+# doubles, 64-bit overflow) would read a different size than Twisted's
+# unbounded int does, and no real body is that large.
+MAX_CHUNK_SIZE = 2**53
+
+
+class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
+    """
+    Twisted's chunked decoder, refusing chunk sizes over L{MAX_CHUNK_SIZE}
+    before any byte of such a chunk is delivered.
+
+    Private Twisted names (C{_ChunkedTransferDecoder}, its
+    C{_dataReceived_CHUNK_LENGTH} step, C{_MalformedChunkedDataError}, which
+    L{http.HTTPChannel} answers with a 400): Twisted offers no public hook
+    for a chunk size limit.
+    """
+
+    length: int
+
+    def _dataReceived_CHUNK_LENGTH(self) -> bool:
+        read = super()._dataReceived_CHUNK_LENGTH()
+        if read and self.length > MAX_CHUNK_SIZE:
+            raise http._MalformedChunkedDataError("Chunk size is over 2^53.")
+        return read
 
 
 @implementer(IBodyProducer)
@@ -383,8 +419,57 @@ class ProxyChannel(http.HTTPChannel):
         ):
             self._refuse(431, b"Request Header Fields Too Large")
             return
+        if line[:1] in (b" ", b"\t") and self._receivedHeaderSize > 0:
+            # An obs-folded header line (after the request line, which is
+            # what makes the size non-zero): Twisted joins it to the header
+            # before it, a server that reads it as a header of its own, or
+            # ignores it, sees different headers (Transfer-Encoding
+            # among them).  RFC 9112 section 5.2 allows a 400.
+            self._refuse(400, b"Bad Request", b"obs-folded header line")
+            return
         self._arm_header_deadline()
         super().lineReceived(line)
+
+    def headerReceived(self, line: bytes) -> bool:
+        """
+        Refuse what Twisted accepts but another parser could read otherwise,
+        then store the header as Twisted does.
+
+        @param line: one header line, without its line ending.
+        @return: whether the header was accepted (Twisted ignores this for
+            all but a request's last header: a refusal stops parsing anyway).
+        """
+        name, colon, value = line.partition(b":")
+        if colon:
+            name = name.lower()
+            value = value.strip(b" \t")
+            if len(value.translate(None, _CONTROL_CHARACTERS)) != len(value):
+                return self._bad_header(b"control character in a header value")
+            if name == b"transfer-encoding":
+                # Twisted takes "identity" as no Transfer-Encoding at all, so
+                # with Content-Length the upstream gets a request framed two
+                # ways, and without, the body is read as the next request.
+                # The transfer-coding name is case-insensitive (RFC 9112
+                # section 7); anything but "chunked" alone is refused.
+                if value.lower() != b"chunked":
+                    return self._bad_header(b"Transfer-Encoding other than chunked")
+                # _version: Twisted's (private) attribute for the request
+                # line's version, set before any header is parsed.
+                if self._version != b"HTTP/1.1":
+                    return self._bad_header(b"Transfer-Encoding on HTTP/1.0")
+            elif name == b"host" and self.requests[-1].requestHeaders.hasHeader(b"host"):
+                return self._bad_header(b"more than one Host header")
+        accepted: bool = super().headerReceived(line)
+        # _transferDecoder: Twisted's (private) decoder for this request's
+        # body, just chosen; replaced by one that bounds chunk sizes.
+        plain = self._transferDecoder
+        if accepted and colon and name == b"transfer-encoding" and plain is not None:
+            self._transferDecoder = _BoundedChunkedDecoder(plain.dataCallback, plain.finishCallback)
+        return accepted
+
+    def _bad_header(self, problem: bytes) -> bool:
+        self._refuse(400, b"Bad Request", problem)
+        return False
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # The first line of a request over the limit is a URI too long;
@@ -409,18 +494,31 @@ class ProxyChannel(http.HTTPChannel):
             self._header_deadline.cancel()
         self._header_deadline = None
 
-    def _refuse(self, code: int, phrase: bytes) -> None:
+    def _refuse(self, code: int, phrase: bytes, problem: bytes = b"") -> None:
         self._refused = True
         self._cancel_header_deadline()
-        body = b"connectors-proxy: " + phrase + b"\n"
-        self.transport.write(
-            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (code, phrase, len(body), body)
-        )
+        # A request dispatched before its body (now found malformed) may be
+        # talking to its upstream: it must stop at once and write nothing
+        # more, and if its answer has begun, a 400 after it would be garbage.
+        # (_disconnected: Twisted's private flag for a request whose client
+        # is gone.)
+        in_flight: ProxyRequest | None = None
+        if self.requests and isinstance(self.requests[-1], ProxyRequest):
+            last = self.requests[-1]
+            if last._early and not last.finished and not last._disconnected:
+                in_flight = last
+        if in_flight is None or not in_flight.startedWriting:
+            body = b"connectors-proxy: " + phrase + (b": " + problem if problem else b"") + b"\n"
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (code, phrase, len(body), body)
+            )
         self.loseConnection()
         # Stop parsing whatever else is buffered.
         self.dataReceived = lambda data: None  # type: ignore[method-assign]
         self.lineReceived = lambda line: None  # type: ignore[method-assign]
+        if in_flight is not None:
+            in_flight.connectionLost(Failure(ConnectionDone("the request was malformed")))
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self._refuse(400, b"Bad Request")
