@@ -19,10 +19,11 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
+from .model import protocols
+from .model.protocols import PROTOCOL_ANNOTATION
+
 GROUP = "connectors.alauda.io"
 API_VERSION = GROUP + "/v1alpha1"
-PROTOCOL_ANNOTATION = "proxy.connectors.alauda.io/protocol"
-PROTOCOLS = ("http", "git", "oci")
 
 SECRET_BASIC = "kubernetes.io/basic-auth"
 SECRET_BEARER = "connectors.cpaas.io/bearer-token"
@@ -217,12 +218,6 @@ def parse_connector_class(doc: Mapping[str, Any]) -> ConnectorClass:
     what = describe(doc)
     name, _, _, generation = _meta(doc, what, namespaced=False)
     annotations = _get(doc, "metadata.annotations", what, Mapping) or {}
-    protocol = annotations.get(PROTOCOL_ANNOTATION, "http")
-    if protocol not in PROTOCOLS:
-        raise InvalidObject(
-            what, f"metadata.annotations[{PROTOCOL_ANNOTATION}]",
-            f"{protocol!r} is not one of {', '.join(PROTOCOLS)}",
-        )
     types = []
     for i, entry in enumerate(_get(doc, "spec.auth.types", what, list) or []):
         path = f"spec.auth.types[{i}]"
@@ -233,6 +228,14 @@ def parse_connector_class(doc: Mapping[str, Any]) -> ConnectorClass:
             secret_type=_get(entry, "secretType", what + f" ({path})", str),
             optional=bool(_get(entry, "optional", what + f" ({path})", bool)),
         ))
+    protocol = annotations.get(PROTOCOL_ANNOTATION)
+    if protocol is None:
+        protocol = protocols.infer(name, (t.secret_type for t in types))
+    elif protocol not in protocols.NAMES:
+        raise InvalidObject(
+            what, f"metadata.annotations[{PROTOCOL_ANNOTATION}]",
+            f"{protocol!r} is not one of {', '.join(protocols.NAMES)}",
+        )
     proxy = None
     ref = _get(doc, "spec.proxy.ref", what, Mapping)
     if ref is not None:

@@ -185,7 +185,8 @@ class ShippedObjectTests(SynchronousTestCase):
 
     def test_connector_classes(self) -> None:
         service = one("Service", "connectors-proxy-service")
-        for name in ("git", "oci", "http"):
+        from connectors_proxy.model.protocols import NAMES
+        for name in NAMES:
             doc = one("ConnectorClass", name)
             self.validate_custom(doc)
             parsed = parse_connector_class(doc)
