@@ -12,9 +12,10 @@ whose paths start with C{/v2/}, C{/v2/namespaces/NS/connectors/NAME/REPO...}).
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from attrs import frozen
+from attrs import field, frozen
 
 # A DNS-1123 label: what a namespace or a host-routable Connector name is.
 _LABEL = rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -44,6 +45,11 @@ class Route:
     @ivar oci_path: C{True} for OCI path mode (C{rest} is then C{/v2/REPO...}).
     @ivar origin: for absolute-form targets whose host is not a Connector host
         (forward-proxy use), the target's C{scheme://host[:port]}.
+    @ivar host: for requests routed by a Connector host name (C{Host} or an
+        absolute-form target), that name as the client wrote it, without a
+        trailing dot, with the port only when it is a number.  The only host
+        the proxy ever passes on as C{X-Forwarded-Host}: a raw client C{Host}
+        is never passed on, since upstreams build URLs on it.
     """
 
     namespace: str | None
@@ -52,6 +58,9 @@ class Route:
     client_prefix: bytes = b""
     oci_path: bool = False
     origin: bytes | None = None
+    # Not part of what is addressed: routes compare equal whichever spelling
+    # of the Connector's host name named them.
+    host: bytes | None = field(default=None, eq=False)
 
     @property
     def names_connector(self) -> bool:
@@ -108,28 +117,95 @@ def host_connector(host: bytes, cluster_domain: str) -> tuple[str, str] | None:
     return match.group(2).decode("ascii"), match.group(1).decode("ascii")
 
 
+# IIS's non-standard C{%uXXXX} escape: servers that know it decode it like
+# C{%XX}, so C{%u002e%u002e} is C{..} to them.
+_U_ESCAPE = re.compile(rb"%[uU]([0-9a-fA-F]{4})")
+# Overlong UTF-8: a character in more bytes than it needs (C{C0 AE} is C{.},
+# C{C0 AF} is C{/}, C{E0 80 AE} is C{.} again).  Never valid UTF-8, yet
+# lenient decoders read it as the short form.
+_OVERLONG = re.compile(rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]")
+# A dot segment padded with whitespace or control characters: servers that
+# trim segments (Java's String.trim() drops everything up to U+0020) see
+# C{..%20} as C{..}.
+_PADDED_DOTS = re.compile(r"[\s\x00-\x20\x7f]*\.\.?[\s\x00-\x20\x7f]*")
+_SEPARATORS = re.compile(r"[/\\]")
+
+
+def _decode_segment(segment: bytes) -> tuple[bytes, bool]:
+    """
+    Percent-decode a path segment (C{%XX} and C{%uXXXX}), repeatedly to
+    catch double encoding; also whether a C{%uXXXX} escape was decoded.
+    """
+    decoded, escaped_u = segment, False
+    for _ in range(4):
+        more = unquote_to_bytes(decoded)
+        if b"%" in more:
+            u_free = _U_ESCAPE.sub(
+                lambda m: chr(int(m.group(1), 16)).encode("utf-8", "surrogatepass"), more)
+            escaped_u = escaped_u or u_free != more
+            more = u_free
+        if more == decoded:
+            break
+        decoded = more
+    return decoded, escaped_u
+
+
+def _dot_segment(parts: list[str], padded: bool) -> bool:
+    """Whether one of C{parts} is C{.} or C{..} (padded with whitespace if C{padded})."""
+    for part in parts:
+        # Servlet containers drop ";params" from a segment before
+        # resolving it, so "..;x" climbs like "..".
+        name = part.split(";", 1)[0]
+        if name in (".", "..") or (padded and _PADDED_DOTS.fullmatch(name) is not None):
+            return True
+    return False
+
+
+def _routed_host(host: bytes | None) -> bytes | None:
+    """A Connector host name C{host_connector} accepted, as C{Route.host} keeps it."""
+    if host is None:
+        return None
+    name, sep, port = host.strip().rpartition(b":")
+    if not sep:
+        name, port = port, b""
+    name = name.rstrip(b".")
+    if port.isdigit() and 0 < int(port) < 65536:
+        return name + b":" + port
+    return name
+
+
 def check_rest(rest: bytes) -> None:
     """
     Refuse a path that could climb out of where it was authorized: any
     segment that is C{.} or C{..} once percent-decoding (repeated, to catch
-    double encoding) and backslashes are taken into account.  Encoded slashes
-    themselves are allowed and passed on verbatim.
+    double encoding, and including IIS's C{%uXXXX}) and backslashes are taken
+    into account, or once a server that is lenient about what a dot is would
+    read it so: padded with whitespace (C{..%20}), overlong UTF-8
+    (C{%c0%ae}), Unicode lookalikes that NFKC folds to dots or slashes
+    (fullwidth C{%ef%bc%8e}).  Encoded slashes themselves are allowed and
+    passed on verbatim.
+
+    @raise BadTarget: naming what is wrong with the path.
     """
     path = rest.split(b"?", 1)[0]
     for segment in path.split(b"/"):
-        decoded = segment
-        for _ in range(4):
-            more = unquote_to_bytes(decoded)
-            if more == decoded:
-                break
-            decoded = more
-        for part in re.split(rb"[/\\]", decoded):
-            # Servlet containers drop ";params" from a segment before
-            # resolving it, so "..;x" climbs like "..".
-            if part.split(b";", 1)[0] in (b".", b".."):
-                raise BadTarget("path contains a '.' or '..' segment (also when percent-encoded)")
+        decoded, escaped_u = _decode_segment(segment)
         if b"\x00" in decoded:
             raise BadTarget("path contains a NUL byte")
+        if _OVERLONG.search(decoded) is not None:
+            raise BadTarget("path contains an overlong UTF-8 sequence (such as %c0%ae, a disguised '.' or '/')")
+        # surrogateescape: bytes that are not UTF-8 (legacy Latin-1 names)
+        # pass through unchanged and can never read as a dot.
+        text = decoded.decode("utf-8", "surrogateescape")
+        parts = _SEPARATORS.split(text)
+        if _dot_segment(parts, padded=False):
+            if escaped_u:
+                raise BadTarget("path contains a '.' or '..' segment written with %u escapes")
+            raise BadTarget("path contains a '.' or '..' segment (also when percent-encoded)")
+        if _dot_segment(parts, padded=True):
+            raise BadTarget("path contains a '.' or '..' segment padded with whitespace or control characters")
+        if not text.isascii() and _dot_segment(_SEPARATORS.split(unicodedata.normalize("NFKC", text)), padded=True):
+            raise BadTarget("path contains a '.' or '..' segment written with Unicode lookalikes (such as fullwidth dots)")
 
 
 def route(target: bytes, host: bytes | None, cluster_domain: str) -> Route:
@@ -143,7 +219,7 @@ def route(target: bytes, host: bytes | None, cluster_domain: str) -> Route:
     by_host = host_connector(host, cluster_domain) if host else None
     if by_host is not None:
         check_rest(path)
-        return Route(by_host[0], by_host[1], path)
+        return Route(by_host[0], by_host[1], path, host=_routed_host(host))
     if origin is not None:
         check_rest(path)
         return Route(None, None, path, origin=origin)

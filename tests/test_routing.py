@@ -77,6 +77,29 @@ class Routes(SynchronousTestCase):
                        b"http://[::1/x"):
             self.assertRaises(BadTarget, route, target, b"proxy", "cluster.local")
 
+    def test_lookalike_dot_segments_refused(self) -> None:
+        """What a lenient server could read as a dot segment is refused, saying why."""
+        for rest, problem in (
+            (b"/..%20/x", "padded with whitespace"), (b"/..%09/x", "padded with whitespace"),
+            (b"/%20../x", "padded with whitespace"), (b"/..%0b;x/y", "padded with whitespace"),
+            (b"/.%20/x", "padded with whitespace"), (b"/..%2520/x", "padded with whitespace"),
+            (b"/%c0%ae%c0%ae/x", "overlong UTF-8"), (b"/.%c0%ae/x", "overlong UTF-8"),
+            (b"/%e0%80%ae%e0%80%ae/x", "overlong UTF-8"), (b"/..%c0%afx", "overlong UTF-8"),
+            (b"/%25c0%25ae./x", "overlong UTF-8"), (b"/%f0%80%80%ae/x", "overlong UTF-8"),
+            (b"/%u002e%u002e/x", "%u escapes"), (b"/%U002E/x", "%u escapes"), (b"/.%u002e%u002fx", "%u escapes"),
+            (b"/%ef%bc%8e%ef%bc%8e/x", "Unicode lookalikes"), (b"/%2e%ef%bc%8e/x", "Unicode lookalikes"),
+            (b"/%e2%80%a5/x", "Unicode lookalikes"), (b"/..%ef%bc%8fx", "Unicode lookalikes"),
+            (b"/%uff0e%uff0e/x", "Unicode lookalikes"), (b"/%ef%bc%8e%e3%80%80/x", "Unicode lookalikes"),
+        ):
+            with self.assertRaises(BadTarget, msg=rest) as caught:
+                route(b"/namespaces/ns/connectors/a" + rest, b"proxy", "cluster.local")
+            self.assertIn(problem, str(caught.exception), rest)
+            self.assertRaises(BadTarget, route, b"/v2/namespaces/ns/connectors/a" + rest, b"proxy", "cluster.local")
+            self.assertRaises(BadTarget, route, rest, b"c-a.ns", "cluster.local")
+
+    def test_non_ascii_names_that_are_not_dots_pass(self) -> None:
+        check_rest(b"/caf%C3%A9/%E9t%E9/%ef%bc%8ea/a%ef%bc%8e/%u0041/..%20a/a%20../%e2%80%a4x")
+
     def test_encoded_slash_kept_verbatim(self) -> None:
         self.assertEqual(route(b"/namespaces/ns/connectors/a/x%2Fy?q=%2F", None, "c").rest, b"/x%2Fy?q=%2F")
 
