@@ -5,7 +5,9 @@ checked against three servers with one suite (L{ContractMixin}):
 - the project's fake (L{connectors_proxy.testing.fakekube}) over loopback;
 - kmock, a third-party emulator, for the subset it serves (run in a
   subprocess; what it lacks is skipped with the reason, never silently);
-- a real cluster when C{KUBECONFIG} is set (the CRDs of C{k8s/} applied).
+- a real cluster: the one C{KUBECONFIG} names when set (the CRDs of
+  C{k8s/} applied), else a real kube-apiserver started on loopback from the
+  binaries C{.ci/build-kube} builds (L{tests.support.kubeapi}).
 
 Then the fake's own features that tests lean on (counters, outages, RBAC
 for callers, clocks), the pure helpers, and the official C{kubernetes}
@@ -57,6 +59,7 @@ from connectors_proxy.testing.fakekube_model import (
 )
 from connectors_proxy.testing.fakekube_strategy import read_manifests
 
+from .support import kubeapi
 from .support.procs import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +237,9 @@ class Backend:
     async def send_bookmarks(self) -> None:
         raise SkipTest(self.lacks["bookmarks"])
 
+    async def bookmark_time(self) -> None:
+        """Make it time for bookmarks, changing nothing (a real server keeps its own pace)."""
+
 
 class FakeBackend(Backend):
     name = "fake"
@@ -247,6 +253,12 @@ class FakeBackend(Backend):
         self.fake.compact()
 
     async def send_bookmarks(self) -> None:
+        # Progress first (elsewhere): a bookmark reports a newer version.
+        self.fake.apply({"apiVersion": "v1", "kind": "Namespace",
+                         "metadata": {"name": "bookmark-" + secrets.token_hex(4)}})
+        self.fake.send_bookmarks()
+
+    async def bookmark_time(self) -> None:
         self.fake.send_bookmarks()
 
 
@@ -295,6 +307,48 @@ class RealClusterBackend(Backend):
         if reply.code != 200:
             raise AssertionError(f"the cluster serves no {CR_VERSION} ({reply.code}): "
                                  "kubectl apply -f k8s/crd-connectors.yaml -f k8s/crd-connectorclasses.yaml")
+
+
+class LocalAPIServerBackend(Backend):
+    """
+    The real kube-apiserver (with etcd and the garbage collector) of
+    L{tests.support.kubeapi}, started once for the whole test run; each test
+    works in a namespace of its own.
+    """
+
+    name = "kube-apiserver"
+    lacks: dict[str, str] = {}
+
+    async def start(self, test: TestCase) -> None:
+        self.cluster = await kubeapi.shared_cluster()
+        # Registered first, so it runs last: after the watches and the namespace go.
+        test.addCleanup(lambda: ensureDeferred(kubeapi.settle(self.cluster.port)))
+        self.client = KubeHTTP(self.cluster.url, self.cluster.admin_token,
+                               _TrustPolicy(self.cluster.ca_pem, None, True))
+
+    async def compact(self) -> None:
+        # An etcd compaction alone does not expire a version: the API
+        # server's watch cache still serves it.  History is really gone once
+        # the cache starts again after the compaction (an API server restart).
+        from twisted.internet.threads import deferToThread
+        await deferToThread(self.cluster.compact)
+        await deferToThread(self.cluster.restart_apiserver)
+
+    async def send_bookmarks(self) -> None:
+        """
+        The server paces bookmarks itself (2 s before a watch's
+        C{timeoutSeconds} at the latest) and sends one only when it has
+        progress to report: a Secret written elsewhere is that progress.
+        """
+        reply = await self.client.call("POST", "/api/v1/namespaces/default/secrets",
+                                       {"apiVersion": "v1", "kind": "Secret",
+                                        "metadata": {"generateName": "bookmark-"}})
+        assert reply.code == 201, reply.body
+
+
+def real_backend() -> Backend:
+    """The cluster C{KUBECONFIG} names, else the local real API server."""
+    return RealClusterBackend() if os.environ.get("KUBECONFIG") else LocalAPIServerBackend()
 
 
 def client_from_kubeconfig(path: str) -> KubeHTTP:
@@ -669,8 +723,10 @@ class ContractMixin:
     @needs("bookmarks")
     async def test_bookmarks(self) -> None:
         created = await self.create(self.secrets_path(), secret("a", v="1"))
+        # A real API server sends its first bookmark 2 s before timeoutSeconds
+        # (else after about a minute).
         w = await self.watch(self.secrets_path(), resourceVersion=created["metadata"]["resourceVersion"],
-                             allowWatchBookmarks="true")
+                             allowWatchBookmarks="true", timeoutSeconds="5")
         await self.backend.send_bookmarks()
         event = await w.next(bookmarks=True)
         assert event is not None
@@ -683,6 +739,18 @@ class ContractMixin:
         event = await resumed.next()
         assert event is not None
         self.assertEqual((event["type"], event["object"]["metadata"]["name"]), ("ADDED", "b"))
+
+    @needs("bookmarks")
+    async def test_bookmarks_report_progress(self) -> None:
+        """A bookmark never repeats the version a watch started from (real servers skip it)."""
+        created = await self.create(self.secrets_path(), secret("a", v="1"))
+        rv = int(created["metadata"]["resourceVersion"])
+        w = await self.watch(self.secrets_path(), resourceVersion=str(rv), allowWatchBookmarks="true",
+                             timeoutSeconds="4")
+        await self.backend.bookmark_time()
+        while (event := await w.next(bookmarks=True)) is not None:
+            self.assertEqual(event["type"], "BOOKMARK")
+            self.assertTrue(int(event["object"]["metadata"]["resourceVersion"]) > rv, event)
 
     @needs("watch-timeout")
     async def test_watch_timeout_seconds(self) -> None:
@@ -778,9 +846,10 @@ class KmockContractTests(ContractMixin, TestCase):  # type: ignore[misc]
 
 
 class RealClusterContractTests(ContractMixin, TestCase):  # type: ignore[misc]
-    backend_factory = RealClusterBackend
-    if not os.environ.get("KUBECONFIG"):
-        skip = "KUBECONFIG is not set: no real cluster to check the contract against"
+    backend_factory = staticmethod(real_backend)
+    timeout = 240  # the first test of a run starts the control plane
+    if not os.environ.get("KUBECONFIG") and kubeapi.skip_reason():
+        skip = kubeapi.skip_reason()
 
 
 # --- the fake's own hooks, over HTTP --------------------------------------------
@@ -859,6 +928,7 @@ class FakeHooksTests(TestCase):
         w = await self.open_watch("/api/v1/secrets", allowWatchBookmarks="true", timeoutSeconds="100",
                                   resourceVersion=str(self.fake.resource_version))
         plain = await self.open_watch("/api/v1/secrets", resourceVersion=str(self.fake.resource_version))
+        self.fake.apply(connector("elsewhere"))  # progress, for the bookmark to report
         self.clock.advance(30)
         event = await w.next(bookmarks=True)
         assert event is not None

@@ -139,6 +139,8 @@ class Watch:
     bookmarks: bool
     emit: Callable[[JSON], None]
     end: Callable[[bool], None]
+    #: The version the watch started from: a bookmark must report more.
+    since: int = 0
 
     def matches(self, obj: JSON) -> bool:
         meta = obj.get("metadata") or {}
@@ -169,6 +171,11 @@ class Watch:
                 self.emit(wire_event("DELETED", gone))
 
     def bookmark(self, annotations: dict[str, str] | None = None) -> None:
+        # Like kube-apiserver's watch cache, a periodic bookmark is sent only
+        # when there is progress past the watch's starting version; the end
+        # of the initial events is always marked.
+        if not annotations and self.fake.resource_version <= self.since:
+            return
         meta: JSON = {"resourceVersion": str(self.fake.resource_version)}
         if annotations:
             meta["annotations"] = annotations
@@ -789,6 +796,7 @@ class FakeKube:
         watch = Watch(self, rtype, namespace, parse_label_selector(label_selector),
                       parse_field_selector(rtype, field_selector), bookmarks, emit, end)
         since = self._check_rv_not_too_large(resource_version)
+        watch.since = self.resource_version if since in (None, 0) else since
         if send_initial_events or since in (None, 0):
             for obj in (o for _, o in sorted(self._objects[rtype].items())):
                 if watch.matches(obj):
