@@ -35,6 +35,14 @@ class BasicCredentials:
         pair = f"{self.username}:{self.password}".encode()
         return b"Basic " + base64.b64encode(pair)
 
+    def secret_values(self) -> tuple[bytes, ...]:
+        """
+        What an upstream could reflect of these credentials: the password,
+        the C{user:password} pair and the injected header value (the forms
+        they may be quoted in are L{connectors_proxy.reflection}'s).
+        """
+        return (self.password.encode(), f"{self.username}:{self.password}".encode(), self.authorization())
+
 
 @frozen
 class BearerCredentials:
@@ -49,6 +57,10 @@ class BearerCredentials:
 
     def authorization(self) -> bytes:
         return b"Bearer " + self.token.encode("utf-8")
+
+    def secret_values(self) -> tuple[bytes, ...]:
+        """What an upstream could reflect: the token and the injected header value."""
+        return (self.token.encode("utf-8"), self.authorization())
 
 
 Credentials = Union[BasicCredentials, BearerCredentials]

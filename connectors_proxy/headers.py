@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
+from .reflection import NO_SECRETS, Secrets, drop_reflected
+
 # RFC 9110 section 7.6.1 connection-specific fields, plus the proxy's own
 # authentication fields, which are for this hop only.
 HOP_BY_HOP = frozenset({
@@ -69,13 +71,20 @@ def upstream_request_headers(client: Headers, client_address: str, client_host: 
     return out
 
 
-def client_response_headers(upstream: Headers) -> Headers:
+def client_response_headers(upstream: Headers, secrets: Secrets = NO_SECRETS) -> Headers:
     """
     The upstream response's headers as the client gets them: hop-by-hop
-    fields dropped, the rest kept (repeated ones too).  C{Location} is
-    rewritten separately, by L{rewrite_location}.
+    fields dropped, and values that contain one of C{secrets} (reflected
+    credentials, SPEC section 10); the rest kept (repeated ones too).
+    C{Location} is rewritten separately, by L{rewrite_location}.
+
+    The names the upstream's C{Connection} header nominates are dropped
+    too, but Twisted's client keeps that header out of C{response.headers}:
+    L{connectors_proxy.relay} drops them before the response gets here.
     """
-    return _copy(upstream, _NOT_DOWNSTREAM)
+    out = _copy(upstream, _NOT_DOWNSTREAM)
+    drop_reflected(out, secrets)
+    return out
 
 
 def rewrite_location(location: bytes, upstream_base: bytes, client_base: bytes,

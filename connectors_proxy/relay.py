@@ -12,11 +12,13 @@ protocol module and passed in.
 from __future__ import annotations
 
 import functools
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import define, evolve, field, frozen
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -26,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
     Agent,
+    HTTP11ClientProtocol,
     HTTPConnectionPool,
     ResponseDone,
     ResponseFailed,
@@ -43,6 +46,7 @@ from .errors import ProxyError, bad_gateway, error_response
 from .headers import client_response_headers, rewrite_location, same_origin, upstream_request_headers
 from .interfaces import Identity
 from .objects import Connector, ConnectorClass
+from .reflection import DECODABLE, NO_SECRETS, Inflater, Masker, Secrets, secrets_for, textual
 from .routing import Route
 from .streaming import ProxyRequest
 from .tls import describe_tls_failure, tls_error
@@ -55,6 +59,8 @@ log = Logger()
 MAX_IDLE_PER_HOST = 64
 IDLE_TIMEOUT = 30
 CONNECT_TIMEOUT = 10.0
+# How much is read from a plain-TCP upstream at a time (Twisted's default: 64 KiB).
+UPSTREAM_READ_SIZE = 256 * 1024
 # Response bodies up to this size (with a Content-Length) are relayed
 # without backpressure bookkeeping: the most a slow client can pin is this.
 SMALL_BODY = 64 * 1024
@@ -147,9 +153,59 @@ class _CachingEndpointFactory:
         return endpoint
 
 
+def _drop_nominated(response: IResponse, parser: Any) -> IResponse:
+    """
+    Remove from C{response}'s headers those its C{Connection} header names
+    (RFC 9110 section 7.6.1: they are for this hop only, and an upstream
+    may mark anything so).  Twisted's client parser keeps C{Connection} in
+    its C{connHeaders}, out of C{response.headers}, and drops nothing.
+    """
+    for value in parser.connHeaders.getRawHeaders(b"connection", []):
+        for name in value.split(b","):
+            if name.strip():
+                response.headers.removeHeader(name.strip())
+    return response
+
+
+class _ClientProtocol(HTTP11ClientProtocol):
+    """
+    L{HTTP11ClientProtocol} that drops the response headers C{Connection}
+    nominates, and reads a plain-TCP upstream in bigger pieces.
+    """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # Each piece read costs the same Python work (client parser, relay,
+        # the masker's calls) whatever its size: reading 256 KiB instead of
+        # Twisted's 64 KiB takes a sixth off the CPU of a 1 GiB download
+        # (bench/masking.py), which pays for masking reflected credentials.
+        # FileDescriptor.bufferSize is also how much this connection buffers
+        # before pausing a request body's producer: one more read, bounded.
+        # A TLS upstream's plaintext comes in TLS records whatever this is.
+        if isinstance(self.transport, FileDescriptor):
+            self.transport.bufferSize = UPSTREAM_READ_SIZE
+
+    def request(self, request: Any) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = super().request(request)
+        # Private Twisted name (HTTP11ClientProtocol._parser, the
+        # HTTPClientParser of this request, whose public connHeaders hold
+        # Connection): no public way to it.  tests.test_reflection's
+        # TwistedInternals fails if it goes.  Read when the response
+        # arrives, not now: a 1xx answer resets connHeaders.
+        parser = self._parser
+        if parser is not None:
+            d.addCallback(_drop_nominated, parser)
+        return d
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     # One "Starting factory" line per upstream connection is noise.
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> _ClientProtocol:
+        # Private Twisted name (_quiescentCallback: how the pool gets the
+        # connection back), as _HTTP11ClientFactory.buildProtocol uses it.
+        return _ClientProtocol(self._quiescentCallback)
 
 
 @define
@@ -192,18 +248,24 @@ class Agents:
 
 
 def forwarded_headers(request: ProxyRequest, origin: bool = True,
-                      drop: frozenset[bytes] = frozenset()) -> Headers:
+                      drop: frozenset[bytes] = frozenset(), route: Route | None = None) -> Headers:
     """
     The client's headers as the upstream gets them, no credentials yet
     (L{upstream_request_headers}).  C{origin=False} leaves out
     C{X-Forwarded-Host} and C{-Proto}, for upstreams that would build URLs
     on them that cannot be mapped back.
+
+    C{X-Forwarded-Host} is only ever C{route.host}: the Connector host name
+    the request was routed by.  The client's raw C{Host} is never passed on:
+    servers build URLs (Git LFS hrefs, redirects) on it, so a client could
+    choose where those point (and where credentials the server puts beside
+    them go).
     """
     peer = request.getClientAddress()
     return upstream_request_headers(
         request.requestHeaders,
         getattr(peer, "host", "unknown"),
-        request.getHeader(b"host") if origin else None,
+        route.host if origin and route is not None else None,
         (b"https" if request.isSecure() else b"http") if origin else None,
         drop,
     )
@@ -211,7 +273,7 @@ def forwarded_headers(request: ProxyRequest, origin: bool = True,
 
 def request_headers(request: ProxyRequest, target: Target) -> Headers:
     """The upstream request headers for C{request}, with the Connector's credentials."""
-    headers = forwarded_headers(request)
+    headers = forwarded_headers(request, route=target.route)
     if target.credentials is not None:
         headers.setRawHeaders(b"Authorization", [target.credentials.authorization()])
     return headers
@@ -294,12 +356,22 @@ def _on_disconnect(request: ProxyRequest, action: Callable[[], object]) -> Calla
     return disarm
 
 
-def response_headers(target: Target, response: IResponse) -> Headers:
-    """Upstream response headers for the client, with C{Location} mapped back."""
-    headers = client_response_headers(response.headers)
+def response_headers(target: Target, response: IResponse, secrets: Secrets | None = None) -> Headers:
+    """
+    Upstream response headers for the client, with C{Location} mapped back,
+    and without values that reflect C{secrets} (by default, those of the
+    target's credentials).
+    """
+    if secrets is None:
+        secrets = secrets_for(target.credentials)
+    headers = client_response_headers(response.headers, secrets)
     locations = headers.getRawHeaders(b"location")
     if locations:
-        headers.setRawHeaders(b"Location", [target.to_client(loc) for loc in locations])
+        mapped = [loc for loc in (target.to_client(loc) for loc in locations) if not secrets.found_in(loc)]
+        if mapped:
+            headers.setRawHeaders(b"Location", mapped)
+        else:
+            headers.removeHeader(b"location")
     return headers
 
 
@@ -312,11 +384,21 @@ class _ResponseRelay(Protocol):
 
     transport: Any  # the upstream connection, an IPushProducer
 
-    def __init__(self, request: ProxyRequest, done: Deferred[int], small: bool = False) -> None:
+    def __init__(self, request: ProxyRequest, done: Deferred[int], small: bool = False,
+                 masker: Masker | None = None, inflater: Inflater | None = None) -> None:
         self.request = request
         self.done = done
         self.sent = 0
         self.small = small
+        # A textual body has reflected credentials masked (decoded first when
+        # compressed); a binary one takes the plain dataReceived.
+        self.masker = masker
+        self.inflater = inflater
+        self.corrupt = False
+        if inflater is not None:
+            self.dataReceived = self._inflate  # type: ignore[method-assign]
+        elif masker is not None:
+            self.dataReceived = self._mask  # type: ignore[method-assign]
 
     def connectionMade(self) -> None:
         if self.small:
@@ -329,40 +411,116 @@ class _ResponseRelay(Protocol):
         self.sent += len(data)
         self.request.write(data)
 
+    def _mask(self, data: bytes) -> None:
+        assert self.masker is not None
+        out = self.masker.feed(data)
+        if out:
+            self.sent += len(out)
+            self.request.write(out)
+
+    def _inflate(self, data: bytes) -> None:
+        assert self.inflater is not None
+        if self.corrupt:
+            return
+        try:
+            pieces = self.inflater.feed(data)
+        except zlib.error:
+            # Cut, as for an upstream that broke off mid-body.
+            self.corrupt = True
+            self.transport.stopProducing()
+            return
+        for piece in pieces:
+            self._mask(piece)
+
     def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
         # The client may be gone already (Twisted then drops request.channel).
         if self.request.producer is not None and getattr(self.request, "channel", None) is not None:
             self.request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if self.corrupt:
+            self.done.errback(Failure(ResponseFailed([Failure(ValueError("corrupt compressed body"))])))
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self._flush()
             self.done.callback(self.sent)
         else:
             self.done.errback(reason)
 
+    def _flush(self) -> None:
+        """The body has ended: send what the masker held back."""
+        if self.masker is None or self.request.finished:
+            return
+        if self.inflater is not None:
+            try:
+                self._mask(self.inflater.flush())
+            except zlib.error:
+                pass  # a truncated stream: what was decoded has gone out
+        out = self.masker.flush()
+        if out:
+            self.sent += len(out)
+            self.request.write(out)
+
+
+def _content_codings(response: IResponse) -> list[bytes]:
+    """The upstream's C{Content-Encoding}s, C{identity} left out."""
+    return [c for c in (c.strip().lower() for v in response.headers.getRawHeaders(b"content-encoding", [])
+                        for c in v.split(b",")) if c and c != b"identity"]
+
 
 async def stream_response(request: ProxyRequest, response: IResponse, headers: Headers,
-                          code: int | None = None) -> int:
+                          code: int | None = None, secrets: Secrets | None = None) -> int:
     """
     Send C{response} to the client with C{headers}, streaming its body.
     Fires with the number of body bytes relayed.  If the client goes away,
     the upstream response is abandoned (its connection closed).
+
+    C{secrets} (by default, those of the credentials of the request's
+    target) reflected in the status phrase, in a textual body or in any
+    error body are masked as the body streams; a compressed one is decoded
+    to be masked (a C{Content-Encoding} the proxy cannot decode is a 502).
     """
-    request.setResponseCode(code or response.code, response.phrase)
+    if secrets is None:
+        target = request.target
+        secrets = secrets_for(target.credentials) if target is not None else NO_SECRETS
+    status = code or response.code
+    phrase = response.phrase
+    masker: Masker | None = None
+    inflater: Inflater | None = None
+    if secrets:
+        if secrets.found_in(phrase):
+            phrase = secrets.mask(phrase)
+        content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
+        bodiless = request.method == b"HEAD" or response.code in (204, 304)
+        if not bodiless and (status >= 400 or textual(content_type)):
+            masker = secrets.masker(error=status >= 400)
+            codings = _content_codings(response)
+            if codings:
+                if len(codings) > 1 or codings[0] not in DECODABLE:
+                    await discard(response)
+                    raise bad_gateway(
+                        f"the upstream answered with Content-Encoding {b', '.join(codings).decode('latin-1')}, "
+                        "which the proxy cannot decode to check for reflected credentials"
+                    )
+                inflater = Inflater(codings[0])
+                headers.removeHeader(b"content-encoding")
+    request.setResponseCode(status, phrase)
     # The relay's headers become the response's (validated once, when they
     # were built), keeping what was already set on the request (Server, Date).
     for name, values in request.responseHeaders.getAllRawHeaders():
         if not headers.hasHeader(name):
             headers.setRawHeaders(name, list(values))
     request.responseHeaders = headers
-    if request.method == b"HEAD" or response.code == 304:
+    # A decoded body has a length known only at its end: no Content-Length.
+    if inflater is None and (request.method == b"HEAD" or response.code == 304):
         # No body follows, but the client wants the size of the one it would get.
         length_header = response.headers.getRawHeaders(b"content-length")
         if length_header:
             request.responseHeaders.setRawHeaders(b"Content-Length", length_header[:1])
-    elif isinstance(response.length, int):
+    elif inflater is None and isinstance(response.length, int):
+        # Masking keeps the length: a secret becomes as many "*".
         request.responseHeaders.setRawHeaders(b"Content-Length", [str(response.length).encode()])
     done: Deferred[int] = Deferred()
     length = response.length
-    relay = _ResponseRelay(request, done, small=isinstance(length, int) and length <= SMALL_BODY)
+    relay = _ResponseRelay(request, done, small=inflater is None and isinstance(length, int) and length <= SMALL_BODY,
+                           masker=masker, inflater=inflater)
     response.deliverBody(relay)
     disarm = _on_disconnect(request, lambda: relay.transport and relay.transport.stopProducing())
     try:

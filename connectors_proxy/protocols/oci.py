@@ -74,6 +74,7 @@ from ..oci_names import (
     scopes_for,
 )
 from ..oci_tokens import SingleFlight, TokenCache, TokenKey, fingerprint
+from ..reflection import Secrets, drop_reflected, secrets_for
 from ..relay import Target
 from ..streaming import ProxyRequest
 from . import ProtocolResource, naming_connector
@@ -201,8 +202,11 @@ class OciResource(ProtocolResource):
         query = names.upstream_query(oci, raw_query.decode("latin-1"))
         url = target.upstream_url((path + ("?" + query if query else "")).encode("latin-1"))
         scopes = scopes_for(request.method, oci, query)
-        response = await self._send(request, target, url, scopes)
-        await self._respond(request, target, oci, names, url.decode("latin-1"), response)
+        response, injected = await self._send(request, target, url, scopes)
+        # The registry token the proxy got at the realm is as secret as the
+        # Connector's credentials: neither may come back reflected.
+        secrets = secrets_for(target.credentials, *injected)
+        await self._respond(request, target, oci, names, url.decode("latin-1"), response, secrets)
 
     # -- upstream auth ------------------------------------------------------
 
@@ -276,10 +280,12 @@ class OciResource(ProtocolResource):
         return headers
 
     async def _send(self, request: ProxyRequest, target: Target, url: bytes,
-                    scopes: tuple[str, ...]) -> IResponse:
+                    scopes: tuple[str, ...]) -> tuple[IResponse, tuple[bytes | str | None, ...]]:
         """
         Send the request upstream with the right credentials; on a 401,
-        refresh once and send again when the request has no body.
+        refresh once and send again when the request has no body.  Returns
+        the response and what was injected (C{Authorization} values and
+        registry tokens), which must not come back reflected.
         """
         credentials = registry_credentials(target.credentials)
         scheme = await self._scheme(target)
@@ -287,7 +293,8 @@ class OciResource(ProtocolResource):
         response = await relay.send(target, request.method, url, self._headers(request, auth.value),
                                     request.body, request)
         if response.code != 401:
-            return response
+            return response, (auth.value, auth.token)
+        first = auth
         challenges = parse_challenges(response.headers.getRawHeaders(b"www-authenticate", []))
         await relay.discard(response)
         fresh = scheme_of(challenges)
@@ -305,15 +312,15 @@ class OciResource(ProtocolResource):
         if response.code == 401:
             await relay.discard(response)
             raise refused(target, scopes)
-        return response
+        return response, (auth.value, auth.token, first.value, first.token)
 
     # -- the response -------------------------------------------------------
 
     async def _respond(self, request: ProxyRequest, target: Target, oci: OciPath, names: NameMap,
-                       url: str, response: IResponse) -> None:
+                       url: str, response: IResponse, secrets: Secrets) -> None:
         address = target.connector.address
         client_base = target.client_base.decode("latin-1")
-        headers = client_response_headers(response.headers)
+        headers = client_response_headers(response.headers, secrets)
         for name in _NOT_TO_CLIENT:
             headers.removeHeader(name)
         location = response.headers.getRawHeaders(b"location")
@@ -321,7 +328,7 @@ class OciResource(ProtocolResource):
             rewritten = rewrite_upstream_url(location[0].decode("latin-1"), url, address, names, client_base)
             if rewritten.foreign is not None and 300 <= response.code < 400 and oci.kind == BLOB:
                 await relay.discard(response)
-                await self._follow(request, target, oci, rewritten.foreign)
+                await self._follow(request, target, oci, rewritten.foreign, secrets)
                 return
             if rewritten.local is not None:
                 headers.setRawHeaders(b"Location", [rewritten.local.encode("latin-1")])
@@ -330,16 +337,19 @@ class OciResource(ProtocolResource):
             headers.setRawHeaders(b"Link", [
                 rewrite_link(v.decode("latin-1"), url, address, names).encode("latin-1") for v in links
             ])
+        # Rewritten URLs keep their queries: checked again.
+        drop_reflected(headers, secrets)
         if names.prefix and request.method != b"HEAD" and (
             (oci.kind in (TAGS, CATALOG) and response.code == 200) or response.code >= 400
         ):
             body = await relay.read_body(response, MAX_REWRITTEN_BODY)
             kind = oci.kind if response.code == 200 else "error"
-            relay.send_bytes(request, response.code, headers, rewrite_json_names(kind, body, names))
+            relay.send_bytes(request, response.code, headers, secrets.mask(rewrite_json_names(kind, body, names)))
             return
-        await relay.stream_response(request, response, headers)
+        await relay.stream_response(request, response, headers, secrets=secrets)
 
-    async def _follow(self, request: ProxyRequest, target: Target, oci: OciPath, url: str) -> None:
+    async def _follow(self, request: ProxyRequest, target: Target, oci: OciPath, url: str,
+                      secrets: Secrets) -> None:
         """
         Fetch a blob from the storage backend a registry redirected to,
         without any credentials, and stream it to the client as if the
@@ -368,7 +378,8 @@ class OciResource(ProtocolResource):
                     out.setRawHeaders(name, values)
             if oci.reference:
                 out.setRawHeaders(b"Docker-Content-Digest", [oci.reference.encode("latin-1")])
-            await relay.stream_response(request, response, out)
+            drop_reflected(out, secrets)
+            await relay.stream_response(request, response, out, secrets=secrets)
             return
         raise bad_gateway(f"more than {MAX_REDIRECTS} redirects for a blob")
 
