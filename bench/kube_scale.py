@@ -109,7 +109,7 @@ def main() -> None:
 
     from connectors_proxy.kube.cluster import ClusterMode
     from connectors_proxy.kube.config import load_kubeconfig
-    from connectors_proxy.state import Store
+    from connectors_proxy.model.state import Store
 
     n = args.connectors
     folder = tempfile.mkdtemp(prefix="kube-scale-")

@@ -121,8 +121,8 @@ def check_masked(port: int, www: str, token: str, authorization: str, password: 
 def needles(src: str, username: str, password: str) -> str:
     """How many needles the tree measured searches each chunk for, with these credentials."""
     # The credentials through the environment, not on a command line.
-    code = ("import os; from connectors_proxy.credentials import BasicCredentials as B; "
-            "from connectors_proxy.reflection import secrets_for, _memmem; "
+    code = ("import os; from connectors_proxy.model.credentials import BasicCredentials as B; "
+            "from connectors_proxy.upstream.reflection import secrets_for, _memmem; "
             "s = secrets_for(B(os.environ['BENCH_USER'], os.environ['BENCH_PASSWORD'])).streamed; "
             "print(len(s), 'of', [len(n) for n in s], 'bytes,', 'C memmem' if _memmem else 'bytes.find')")
     env = dict(os.environ, PYTHONPATH=src, BENCH_USER=username, BENCH_PASSWORD=password)

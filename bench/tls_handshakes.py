@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from connectors_proxy.tls_mint import CertificateAuthority  # noqa: E402
+from connectors_proxy.tls.mint import CertificateAuthority  # noqa: E402
 
 
 def write_pki(folder: str) -> dict[str, str]:
@@ -106,7 +106,7 @@ def in_process(paths: dict[str, str], cached: int) -> None:
     """Server-side cost of a context choice, and memory per cached certificate."""
     from twisted.internet.task import Clock
 
-    from connectors_proxy.tls_serve import ServerTLS, TLSFiles
+    from connectors_proxy.tls.serve import ServerTLS, TLSFiles
 
     clock = Clock()
     clock.advance(time.time())

@@ -19,21 +19,22 @@ from twisted.application.strports import service as strport_service
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
-from . import drain, limits, logformat, sdnotify
-from .admin import admin_resource
-from .interfaces import IIdentityVerifier
-from .manifests import ManifestError, ManifestSource
-from .metrics import ProxyMetrics
-from .protocols import ProtocolResource
-from .protocols.git import GitResource
-from .protocols.oci import OciResource
-from .protocols.rest import RestResource
-from .relay import Agents
-from .resource import ConnectorsResource
-from .state import Store
-from .streaming import ProxySite
-from .tls import upstream_policy
-from .tls_serve import TLSServerEndpoint
+from connectors_proxy.auth.interfaces import IIdentityVerifier
+from connectors_proxy.model.state import Store
+from connectors_proxy.ops import drain, logformat, sdnotify
+from connectors_proxy.ops.admin import admin_resource
+from connectors_proxy.ops.metrics import ProxyMetrics
+from connectors_proxy.protocols import ProtocolResource
+from connectors_proxy.protocols.git import GitResource
+from connectors_proxy.protocols.oci.resource import OciResource
+from connectors_proxy.protocols.rest import RestResource
+from connectors_proxy.router import ConnectorsResource
+from connectors_proxy.server import limits
+from connectors_proxy.server.channel import ProxySite
+from connectors_proxy.sources.manifests import ManifestError, ManifestSource
+from connectors_proxy.tls.serve import TLSServerEndpoint
+from connectors_proxy.tls.upstream import upstream_policy
+from connectors_proxy.upstream.agents import Agents, ConnectorAgents
 
 log = Logger()
 
@@ -69,6 +70,8 @@ class Options(usage.Options):
         ["log-format", None, "text", "text or json."],
         ["log-level", None, "info", "debug, info, warn or error."],
         ["review-cache-seconds", None, "10", "Cluster mode: how long token and access reviews are cached."],
+        ["review-stale-seconds", None, "300", "Cluster mode: while the API server is unreachable, serve token "
+                                              "and access answers up to this old (the revocation delay during an outage)."],
         ["token-audience", None, None, "Cluster mode: audiences TokenReview checks (comma-separated)."],
         ["lease-namespace", None, None, "Cluster mode: namespace of the leader-election Lease."],
         ["idle-timeout", None, "60", "Seconds an idle client connection is kept."],
@@ -120,7 +123,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-level must be one of {', '.join(logformat.LEVELS)}")
         for option, endpoint in [("--listen", e) for e in self["listen"]] + [("--admin", self["admin"])]:
             check_endpoint(option, endpoint)
-        for name in ("review-cache-seconds", "idle-timeout", "drain-timeout", "queue-timeout"):
+        for name in ("review-cache-seconds", "review-stale-seconds", "idle-timeout", "drain-timeout", "queue-timeout"):
             try:
                 self[name] = float(self[name])
             except ValueError:
@@ -196,10 +199,17 @@ def protocol_resources(reactor: Any) -> dict[str, ProtocolResource]:
 
 def proxy_site(store: Store, verifier: IIdentityVerifier, reactor: Any, cluster_domain: str = "cluster.local",
                idle_timeout: float = 60.0, limiter: limits.ConcurrencyLimiter | None = None,
+               agents: Agents | None = None,
                ) -> tuple[ProxySite, ConnectorsResource, Agents]:
-    """The proxy's site, as the daemon and the integration tests build it."""
-    agents = Agents(reactor, upstream_policy)
-    root = ConnectorsResource(store=store, verifier=verifier, agents=agents,
+    """
+    The proxy's site, as the daemon and the integration tests build it.
+
+    @param agents: the upstream agents (default: real ones on C{reactor};
+        the in-memory tests pass agents that reach resources in memory).
+    """
+    if agents is None:
+        agents = Agents(reactor, upstream_policy)
+    root = ConnectorsResource(store=store, verifier=verifier, agents=ConnectorAgents(agents),
                               protocols=protocol_resources(reactor), cluster_domain=cluster_domain,
                               limiter=limiter)
     return ProxySite(root, reactor, timeout=idle_timeout), root, agents
@@ -244,8 +254,8 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
             log.warn("no --manifests given: serving the bundled examples from {path}{loopback}",
                      path=EXAMPLE_MANIFESTS, loopback=loopback)
     else:
-        from .kube.cluster import cluster_service
-        from .kube.config import KubeConfigError
+        from connectors_proxy.kube.cluster import cluster_service
+        from connectors_proxy.kube.config import KubeConfigError
         try:
             cluster = cluster_service(options, reactor)
         except KubeConfigError as e:

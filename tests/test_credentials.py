@@ -7,23 +7,23 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from connectors_proxy.credentials import (
-    BasicCredentials,
-    BearerCredentials,
-    CredentialsUnavailable,
-    from_secret,
-    resolve,
-)
-from connectors_proxy.identity import (
+from connectors_proxy.auth.identity import (
     InvalidTokenFile,
     StaticTokens,
     namespace_rule,
     parse_token_file,
     presented_token,
 )
-from connectors_proxy.interfaces import Identity, IIdentityVerifier
-from connectors_proxy.objects import AuthType, Connector, ConnectorClass, ObjectRef, Secret
-from connectors_proxy.state import Snapshot
+from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier
+from connectors_proxy.model.credentials import (
+    BasicCredentials,
+    BearerCredentials,
+    CredentialsUnavailable,
+    from_secret,
+    resolve,
+)
+from connectors_proxy.model.objects import AuthType, Connector, ConnectorClass, ObjectRef, Secret
+from connectors_proxy.model.state import Snapshot
 
 
 def _secret(type_: str, **data: bytes) -> Secret:

@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import Data
 
-from connectors_proxy.drain import Drainer, DrainingService, Reloader, Signals, reloadable_tls
+from connectors_proxy.ops.drain import Drainer, DrainingService, Reloader, Signals, reloadable_tls
 
 from .support.procs import free_port
 

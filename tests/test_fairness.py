@@ -17,8 +17,8 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from connectors_proxy.limits import ConcurrencyLimiter
-from connectors_proxy.objects import ObjectRef
+from connectors_proxy.model.objects import ObjectRef
+from connectors_proxy.server.limits import ConcurrencyLimiter
 
 from .support.proxy import basic_secret, connector, connector_class, sa, start_proxy
 

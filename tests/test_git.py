@@ -13,8 +13,6 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.errors import ProxyError, forbidden, unauthorized
-from connectors_proxy.headers import rewrite_location
 from connectors_proxy.protocols.git import (
     FETCH,
     LFS_MEDIA_TYPE,
@@ -25,6 +23,8 @@ from connectors_proxy.protocols.git import (
     error_response,
     rewrite_lfs_batch,
 )
+from connectors_proxy.server.errors import ProxyError, forbidden, unauthorized
+from connectors_proxy.server.headers import rewrite_location
 
 UPSTREAM = "https://git.example.com/scm"
 CLIENT_BASE = "http://127.0.0.1:8080"

@@ -21,8 +21,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from connectors_proxy import clientconfig, relay
+from connectors_proxy import clientconfig
 from connectors_proxy.protocols.git import LFS_MEDIA_TYPE
+from connectors_proxy.upstream import relay
 from tests.support.gitserver import has_secret
 from tests.support.proxy import RunningProxy, basic_secret, connector, connector_class, sa, start_proxy
 from tests.test_git_integration import serve_git

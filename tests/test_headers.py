@@ -3,7 +3,7 @@ from __future__ import annotations
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
-from connectors_proxy.headers import client_response_headers, rewrite_location, upstream_request_headers
+from connectors_proxy.server.headers import client_response_headers, rewrite_location, upstream_request_headers
 
 
 class UpstreamRequestHeaders(SynchronousTestCase):

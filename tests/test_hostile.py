@@ -113,7 +113,7 @@ class HostileInput(TestCase):
 
     @inlineCallbacks
     def test_slow_headers_are_bounded(self):  # type: ignore[no-untyped-def]
-        import connectors_proxy.streaming as streaming
+        import connectors_proxy.server.channel as streaming
         self.patch(streaming, "HEADER_SECONDS", 0.5)
         answer, took = yield self.ask(b"GET / HTTP/1.1\r\nHost: x\r\n", timeout=10)
         self.assertTrue(answer.startswith(b"HTTP/1.1 408"), answer)

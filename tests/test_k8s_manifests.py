@@ -21,7 +21,7 @@ import yaml
 from jsonschema import Draft4Validator
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from connectors_proxy.objects import parse_connector, parse_connector_class, parse_secret
+from connectors_proxy.model.objects import parse_connector, parse_connector_class, parse_secret
 from connectors_proxy.testing.fakekube_strategy import load_crd_schemas, prune, to_jsonschema
 
 from .support.procs import require, run
@@ -334,7 +334,7 @@ class DeployFilesTests(TestCase):
         service = (DEPLOY / "connectors-proxy.service").read_text()
         self.assertIn("ListenStream=0.0.0.0:8080", socket_unit)  # IPv4, as domain=INET adopts it
         self.assertIn("--listen systemd:domain=INET:index=0", service)
-        self.assertIn("Type=notify", service)  # connectors_proxy.sdnotify sends READY=1
+        self.assertIn("Type=notify", service)  # connectors_proxy.ops.sdnotify sends READY=1
         self.assertIn("Requires=connectors-proxy.socket", service)
 
     async def test_systemd_accepts_the_units(self) -> None:

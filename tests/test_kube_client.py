@@ -37,7 +37,7 @@ from connectors_proxy.kube.client import (
     WatchProtocol,
 )
 from connectors_proxy.kube.config import KubeConfig
-from connectors_proxy.tls_mint import CertificateAuthority, Leaf
+from connectors_proxy.tls.mint import CertificateAuthority, Leaf
 
 
 class _Transport:

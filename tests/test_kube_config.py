@@ -24,7 +24,7 @@ from connectors_proxy.kube.config import (
     load_in_cluster,
     load_kubeconfig,
 )
-from connectors_proxy.tls_mint import CertificateAuthority
+from connectors_proxy.tls.mint import CertificateAuthority
 
 
 def b64(data: bytes) -> str:

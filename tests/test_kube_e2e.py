@@ -25,12 +25,12 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from connectors_proxy.interfaces import Identity
+from connectors_proxy.auth.interfaces import Identity
 from connectors_proxy.kube.cluster import ClusterMode
 from connectors_proxy.kube.config import load_kubeconfig
 from connectors_proxy.kube.identity import ReviewUnavailable
-from connectors_proxy.objects import ObjectRef
-from connectors_proxy.state import Store
+from connectors_proxy.model.objects import ObjectRef
+from connectors_proxy.model.state import Store
 from connectors_proxy.testing.fakekube import FakeKube, start_fake_kube
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

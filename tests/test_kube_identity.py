@@ -13,10 +13,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from connectors_proxy.interfaces import Identity, IIdentityVerifier
+from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier
 from connectors_proxy.kube.client import KubeError
 from connectors_proxy.kube.identity import KubeIdentityVerifier, ReviewUnavailable, token_key
 
@@ -199,3 +200,167 @@ class IdentityTests(SynchronousTestCase):
         for i in range(1000):
             self.successResultOf(verifier.authenticate(f"t{i}"))
         self.assertLessEqual(len(verifier.tokens._entries), 100)
+
+
+class _Hung(MemoryKube):
+    """An API server that accepts review calls and never answers (SIGSTOPped)."""
+
+    hung = False
+
+    def create_token_review(self, token: str, audiences: tuple[str, ...] = ()) -> Deferred[Any]:
+        if self.hung:
+            self.calls.append(("tokenreview", "tokenreviews"))
+            return Deferred()
+        return super().create_token_review(token, audiences)
+
+    def create_subject_access_review(self, spec: dict[str, Any]) -> Deferred[Any]:
+        if self.hung:
+            self.calls.append(("subjectaccessreview", "subjectaccessreviews"))
+            return Deferred()
+        return super().create_subject_access_review(spec)
+
+
+class OutageTests(SynchronousTestCase):
+    """
+    Reviews during an API server outage: the last answers served up to the
+    staleness bound, never an error answer or a denial turned into an allow,
+    a short timeout, a circuit, and one log line each way.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.kube = _Hung(self.clock)
+        self.token = secrets.token_hex(16)
+        self.kube.tokens[self.token] = USER
+        self.verifier = KubeIdentityVerifier(self.kube, self.clock, ttl=10.0, negative_ttl=5.0,
+                                             stale=60.0, timeout=3.0, stale_after=20.0)
+        self.logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.logged.append)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logged if e.get("event") == name]
+
+    def request(self) -> bool:
+        """One request's reviews: True when it would be served, False when refused (401/403/503)."""
+        d = self.verifier.authenticate(self.token)
+        results: list[Any] = []
+        d.addBoth(results.append)
+        if not results or not isinstance(results[0], Identity):
+            if results and not isinstance(results[0], Identity | None):
+                results[0].trap(ReviewUnavailable)
+            return False
+        allowed: list[Any] = []
+        self.verifier.authorize(results[0], "team", "harbor").addBoth(allowed.append)
+        if allowed and not isinstance(allowed[0], bool):
+            allowed[0].trap(ReviewUnavailable)
+            return False
+        return bool(allowed and allowed[0])
+
+    def test_refused_api_server_served_within_the_bound(self) -> None:
+        self.assertTrue(self.request())
+        self.kube.go_down()
+        served = refused = 0
+        for _ in range(90):  # one request a second for 90 s
+            self.clock.advance(1)
+            if self.request():
+                served += 1
+            else:
+                refused += 1
+        # Answers obtained at t=0 are served until t=60, then refused.
+        self.assertEqual((served, refused), (60, 30))
+        self.assertEqual(len(self.events("reviews-stale")), 1)
+        self.assertTrue(self.verifier.is_stale)
+        # The circuit keeps calls to the dead API server far below one per request.
+        self.assertLess(self.kube.count("tokenreview") + self.kube.count("subjectaccessreview"), 40)
+        self.kube.come_back()
+        self.clock.advance(11)  # past the circuit's longest backoff
+        self.assertTrue(self.request())
+        [recovered] = self.events("reviews-recovered")
+        # t=10..60 served stale (two reviews each; before that the answers were fresh).
+        self.assertEqual((recovered["stale"], recovered["refused"]), (102, 30))
+        self.assertFalse(self.verifier.is_stale)
+        self.assertEqual(len(self.events("reviews-stale")), 1)
+        self.assertFalse([e for e in self.logged if e.get("log_failure")], "no traceback")
+
+    def test_hung_api_server_times_out_then_fails_fast(self) -> None:
+        self.assertTrue(self.request())
+        self.clock.advance(11)
+        self.kube.hung = True
+        other = self.verifier.authenticate("never-seen")
+        d = self.verifier.authenticate(self.token)
+        self.assertNoResult(d)
+        self.clock.advance(3)  # the review's own timeout, not the client's 30 s
+        self.assertIsInstance(self.successResultOf(d), Identity)
+        self.failureResultOf(other, ReviewUnavailable)
+        self.assertTrue(self.verifier.circuit.is_open)
+        calls = len(self.kube.calls)
+        # While open, nothing waits and nothing is sent.
+        for _ in range(50):
+            self.assertIsInstance(self.successResultOf(self.verifier.authenticate(self.token)), Identity)
+            self.failureResultOf(self.verifier.authenticate("never-seen"), ReviewUnavailable)
+        self.assertEqual(len(self.kube.calls), calls)
+        # After the backoff, one trial call at a time.
+        self.clock.advance(1)
+        for _ in range(5):
+            self.successResultOf(self.verifier.authenticate(self.token))
+        self.assertEqual(len(self.kube.calls), calls + 1)
+        self.kube.hung = False
+        self.clock.advance(3)
+        self.clock.advance(2)
+        self.successResultOf(self.verifier.authenticate(self.token))
+        self.assertIsNone(self.verifier.outage_since)
+        self.assertEqual(len(self.events("reviews-recovered")), 1)
+
+    def test_denials_and_invalid_tokens_never_become_allows(self) -> None:
+        self.kube.allow = lambda spec: False
+        identity = self.successResultOf(self.verifier.authenticate(self.token))
+        self.assertFalse(self.successResultOf(self.verifier.authorize(identity, "team", "harbor")))
+        self.assertIsNone(self.successResultOf(self.verifier.authenticate("bad")))
+        self.kube.go_down()
+        for _ in range(70):
+            self.clock.advance(1)
+            for d in (self.verifier.authorize(identity, "team", "harbor"), self.verifier.authenticate("bad")):
+                result: list[Any] = []
+                d.addBoth(result.append)
+                if isinstance(result[0], Failure):
+                    result[0].trap(ReviewUnavailable)
+                else:
+                    self.assertIn(result[0], (False, None))
+
+    def test_answers_are_not_outages(self) -> None:
+        self.assertTrue(self.request())
+        self.clock.advance(11)
+        # The API server answers with an error: no stale answer, no outage.
+        self.kube.fail["tokenreview"] = [KubeError(500, "InternalError", "boom"), KubeError(403, "Forbidden", "no")]
+        for _ in range(2):
+            failure = self.failureResultOf(self.verifier.authenticate(self.token), ReviewUnavailable)
+            self.assertFalse(failure.value.outage)
+        self.assertIsNone(self.verifier.outage_since)
+        self.assertFalse(self.verifier.circuit.is_open)
+        # A gateway saying the API server is away is one.
+        self.kube.fail["tokenreview"] = [KubeError(503, "ServiceUnavailable", "etcd")]
+        self.assertIsInstance(self.successResultOf(self.verifier.authenticate(self.token)), Identity)
+        self.assertIsNotNone(self.verifier.outage_since)
+
+    def test_readiness_follows_a_long_outage(self) -> None:
+        changes: list[bool] = []
+        self.verifier.on_stale_change.append(lambda: changes.append(self.verifier.is_stale))
+        self.assertTrue(self.request())
+        self.kube.go_down()
+        self.clock.advance(11)
+        self.request()
+        self.assertFalse(self.verifier.is_stale)
+        self.clock.advance(20)
+        self.assertEqual(changes, [True])
+        self.kube.come_back()
+        self.clock.advance(11)
+        self.request()
+        self.assertEqual(changes, [True, False])
+
+    def test_no_staleness_when_disabled(self) -> None:
+        verifier = KubeIdentityVerifier(self.kube, self.clock, stale=0.0)
+        self.successResultOf(verifier.authenticate(self.token))
+        self.clock.advance(11)
+        self.kube.go_down()
+        self.failureResultOf(verifier.authenticate(self.token), ReviewUnavailable)

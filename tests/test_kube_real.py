@@ -39,8 +39,8 @@ from twisted.web.server import Site
 from connectors_proxy.kube.cluster import ClusterMode
 from connectors_proxy.kube.config import load_kubeconfig
 from connectors_proxy.kube.identity import KubeIdentityVerifier
-from connectors_proxy.objects import ObjectRef
-from connectors_proxy.state import Store
+from connectors_proxy.model.objects import ObjectRef
+from connectors_proxy.model.state import Store
 
 from .support import kubeapi
 from .support.kubeapi import API_AUDIENCE, PROXY_NAMESPACE, PROXY_SA, KubeAPI

@@ -21,7 +21,7 @@ from connectors_proxy.kube.reconcile import (
     format_time,
     service_matches,
 )
-from connectors_proxy.objects import (
+from connectors_proxy.model.objects import (
     InvalidObject,
     ObjectRef,
     parse_connector,

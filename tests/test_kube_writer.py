@@ -18,8 +18,8 @@ from connectors_proxy.kube.client import CONNECTOR_CLASSES, CONNECTORS, SECRETS,
 from connectors_proxy.kube.cluster import ClusterMode
 from connectors_proxy.kube.config import KubeConfig
 from connectors_proxy.kube.writer import IInventory
-from connectors_proxy.objects import ObjectRef
-from connectors_proxy.state import Store
+from connectors_proxy.model.objects import ObjectRef
+from connectors_proxy.model.state import Store
 
 from .test_kube_memory import MemoryKube, settle
 
@@ -371,7 +371,7 @@ class ManyConnectorsTests(SynchronousTestCase):
 @implementer(IInventory)
 class _Inventory:
     def __init__(self, raw: dict[str, Any]) -> None:
-        from connectors_proxy.objects import parse_connector, parse_connector_class
+        from connectors_proxy.model.objects import parse_connector, parse_connector_class
         self.raw = raw
         self.parsed = parse_connector(raw)
         self.classes = {"oci": parse_connector_class(oci_class())}

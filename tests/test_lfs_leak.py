@@ -31,8 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from connectors_proxy import clientconfig
-from connectors_proxy.credentials import BasicCredentials, BearerCredentials
-from connectors_proxy.headers import rewrite_location
+from connectors_proxy.model.credentials import BasicCredentials, BearerCredentials
 from connectors_proxy.protocols.git import (
     RELAY_MAX_SECONDS,
     GitResource,
@@ -43,7 +42,8 @@ from connectors_proxy.protocols.git import (
     rewrite_lfs_batch,
     secret_markers,
 )
-from connectors_proxy.routing import route
+from connectors_proxy.server.headers import rewrite_location
+from connectors_proxy.server.routing import route
 from tests.support.gitserver import LFS_JSON, LFSResource, has_secret, lfs_pointer
 from tests.support.procs import require
 from tests.support.proxy import RunningProxy, basic_secret, connector, connector_class, sa, start_proxy

@@ -20,9 +20,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from connectors_proxy import errors
-from connectors_proxy.limits import RETRY_AFTER, ConcurrencyLimiter, LimitExceeded, Permit, admit
-from connectors_proxy.objects import ObjectRef
+from connectors_proxy.model.objects import ObjectRef
+from connectors_proxy.server import errors
+from connectors_proxy.server.limits import RETRY_AFTER, ConcurrencyLimiter, LimitExceeded, Permit, admit
 
 from .support.proxy import basic_secret, connector, connector_class, sa, start_proxy
 

@@ -7,12 +7,12 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.accesslog import redact_target
-from connectors_proxy.errors import ProxyError, error_response
-from connectors_proxy.logformat import json_line, text_line
-from connectors_proxy.manifests import ManifestError, ManifestSource, load, manifest_files, parse_documents
-from connectors_proxy.objects import InvalidObject, ObjectRef, parse_object
-from connectors_proxy.state import Store
+from connectors_proxy.model.objects import InvalidObject, ObjectRef, parse_object
+from connectors_proxy.model.state import Store
+from connectors_proxy.ops.logformat import json_line, text_line
+from connectors_proxy.server.accesslog import redact_target
+from connectors_proxy.server.errors import ProxyError, error_response
+from connectors_proxy.sources.manifests import ManifestError, ManifestSource, load, manifest_files, parse_documents
 
 GOOD = """\
 apiVersion: connectors.alauda.io/v1alpha1

@@ -7,7 +7,6 @@ backpressure, and what a client or upstream going away does to the other.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import secrets
 from typing import Any
@@ -18,12 +17,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from connectors_proxy.relay import Agents
-from connectors_proxy.streaming import STREAM_BUFFER
+from connectors_proxy.server.channel import STREAM_BUFFER
 
 from .support.memory import (
     READ_SIZE,
-    MemoryAgents,
     MemoryTransport,
     Response,
     Scripted,
@@ -204,9 +201,6 @@ class HopByHopTests(RelayTestCase):
         response = self.get(PATH + b"/hops")
         self.assertEqual(response.header(b"x-up-hop"), [])
 
-    test_response_connection_names.todo = (  # type: ignore[attr-defined]
-        "twisted.web.client keeps Connection in the parser's connHeaders, so "
-        "headers.client_response_headers never sees which headers it names")
 
 
 class StreamingTests(RelayTestCase):
@@ -329,14 +323,3 @@ class GoingAwayTests(RelayTestCase):
     def test_upstream_breaks_off_a_chunked_body(self) -> None:
         """Chunked: the client never gets the last chunk, and the connection is aborted."""
         self.assertCut(b"/partial-chunked", (b"transfer-encoding", b"chunked"))
-
-
-class FakeAgentsTests(SynchronousTestCase):
-    def test_same_surface(self) -> None:
-        """
-        L{MemoryAgents} offers what L{Agents} offers the daemon and the root
-        resource, with the same signatures (there is no interface to verify).
-        """
-        for name in ("agent", "idle_connections", "close"):
-            self.assertEqual(inspect.signature(getattr(MemoryAgents, name)), inspect.signature(getattr(Agents, name)),
-                             name)

@@ -22,13 +22,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from connectors_proxy.accesslog import AccessRecord
-from connectors_proxy.admin import admin_resource
-from connectors_proxy.limits import ConcurrencyLimiter
-from connectors_proxy.metrics import ProxyMetrics
-from connectors_proxy.objects import ObjectRef
-from connectors_proxy.relay import Agents
-from connectors_proxy.tls import upstream_policy
+from connectors_proxy.model.objects import ObjectRef
+from connectors_proxy.ops.admin import admin_resource
+from connectors_proxy.ops.metrics import ProxyMetrics
+from connectors_proxy.server.accesslog import AccessRecord
+from connectors_proxy.server.limits import ConcurrencyLimiter
+from connectors_proxy.tls.upstream import upstream_policy
+from connectors_proxy.upstream.agents import Agents
 
 from .support.proxy import basic_secret, connector, connector_class, sa, start_proxy
 

@@ -1,4 +1,4 @@
-"""Tests for L{connectors_proxy.oci_auth}: challenges, credentials, token realm requests."""
+"""Tests for L{connectors_proxy.protocols.oci.auth}: challenges, credentials, token realm requests."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.credentials import BasicCredentials, BearerCredentials
-from connectors_proxy.oci_auth import (
+from connectors_proxy.model.credentials import BasicCredentials, BearerCredentials
+from connectors_proxy.protocols.oci.auth import (
     DEFAULT_EXPIRES_IN,
     Challenge,
     RegistryCredentials,

@@ -33,8 +33,8 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from connectors_proxy.clientconfig import docker_config
-from connectors_proxy.oci_tokens import CachedToken
-from connectors_proxy.protocols.oci import OciResource
+from connectors_proxy.protocols.oci.resource import OciResource
+from connectors_proxy.protocols.oci.tokens import CachedToken
 
 from .support.procs import check, free_port, require, run
 from .support.proxy import RunningProxy, basic_secret, connector, connector_class, sa, start_proxy

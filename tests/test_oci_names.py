@@ -1,4 +1,4 @@
-"""Tests for L{connectors_proxy.oci_names}: end points, scopes, path-mode names."""
+"""Tests for L{connectors_proxy.protocols.oci.names}: end points, scopes, path-mode names."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.oci_names import (
+from connectors_proxy.protocols.oci.names import (
     BLOB,
     CATALOG,
     MANIFEST,

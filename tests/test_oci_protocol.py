@@ -1,11 +1,11 @@
-"""Unit tests for the pure parts of L{connectors_proxy.protocols.oci}."""
+"""Unit tests for the pure parts of L{connectors_proxy.protocols.oci.resource}."""
 
 from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.oci_auth import parse_challenges
-from connectors_proxy.protocols.oci import NONE, Scheme, scheme_of
+from connectors_proxy.protocols.oci.auth import parse_challenges
+from connectors_proxy.protocols.oci.resource import NONE, Scheme, scheme_of
 
 
 class SchemeTests(SynchronousTestCase):

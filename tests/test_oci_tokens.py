@@ -1,4 +1,4 @@
-"""Tests for L{connectors_proxy.oci_tokens}: the token cache."""
+"""Tests for L{connectors_proxy.protocols.oci.tokens}: the token cache."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.oci_auth import IssuedToken, RegistryCredentials
-from connectors_proxy.oci_tokens import SingleFlight, TokenCache, TokenKey, fingerprint
+from connectors_proxy.protocols.oci.auth import IssuedToken, RegistryCredentials
+from connectors_proxy.protocols.oci.tokens import SingleFlight, TokenCache, TokenKey, fingerprint
 
 KEY = TokenKey("default/harbor", "http://t/token", "reg", "repository:a:pull", "fp")
 

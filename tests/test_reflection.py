@@ -2,7 +2,7 @@
 Reflected credentials (SPEC section 10): what an upstream echoes of the
 request never carries the injected credentials to the client.
 
-Unit tests for L{connectors_proxy.reflection}, a test that the Twisted
+Unit tests for L{connectors_proxy.upstream.reflection}, a test that the Twisted
 internals the relay reaches into are still there, and end-to-end tests
 against upstreams that reflect (real loopback sockets, the real relay): a
 REST echo server and an OCI registry stand-in with its own token realm.
@@ -33,10 +33,11 @@ from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from connectors_proxy import reflection
-from connectors_proxy.credentials import BasicCredentials, BearerCredentials
-from connectors_proxy.headers import client_response_headers
-from connectors_proxy.reflection import (
+from connectors_proxy.model.credentials import BasicCredentials, BearerCredentials
+from connectors_proxy.server.headers import client_response_headers
+from connectors_proxy.upstream import reflection
+from connectors_proxy.upstream.agents import _QuietClientFactory
+from connectors_proxy.upstream.reflection import (
     Inflater,
     Masker,
     base64_cores,
@@ -44,7 +45,6 @@ from connectors_proxy.reflection import (
     secrets_for,
     textual,
 )
-from connectors_proxy.relay import _QuietClientFactory
 
 from .support.proxy import RunningProxy, basic, basic_secret, connector, connector_class, sa, start_proxy
 
@@ -257,7 +257,7 @@ class InflaterTests(SynchronousTestCase):
 
 class TwistedInternals(SynchronousTestCase):
     """
-    The private Twisted names L{connectors_proxy.relay} uses to drop the
+    The private Twisted names L{connectors_proxy.upstream.relay} uses to drop the
     headers an upstream's C{Connection} nominates: if Twisted renames or
     changes them, this fails (and the relay would fail every request, not
     leak).

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.routing import BadTarget, Route, check_rest, host_connector, route, split_target
+from connectors_proxy.server.routing import BadTarget, Route, check_rest, host_connector, route, split_target
 
 
 class HostConnector(SynchronousTestCase):

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from connectors_proxy.streaming import ProxySite
+from connectors_proxy.server.channel import ProxySite
 
 from .support.nginx import start_nginx
 from .support.proxy import basic, basic_secret, connector, connector_class, sa, start_proxy

@@ -12,7 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from connectors_proxy.streaming import DRAIN_SECONDS, ProxyRequest, ProxySite
+from connectors_proxy.server.channel import DRAIN_SECONDS, ProxyRequest, ProxySite
 
 
 class Capture(Resource):

@@ -26,7 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
-from connectors_proxy.sdnotify import ReadyNotifier, notify
+from connectors_proxy.ops.sdnotify import ReadyNotifier, notify
 
 from .support.procs import free_port, require, start_server
 from .support.proxy import ROOT, rest_upstream_setup

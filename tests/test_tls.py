@@ -1,5 +1,5 @@
 """
-Tests for L{connectors_proxy.tls}: CA bundles out of Secrets, the upstream
+Tests for L{connectors_proxy.tls.upstream}: CA bundles out of Secrets, the upstream
 policy against real loopback TLS servers through a real
 C{twisted.web.client.Agent}, and the one-line explanations of failures.
 """
@@ -28,7 +28,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface.verify import verifyObject
 
-from connectors_proxy.tls import (
+from connectors_proxy.tls.mint import CertificateAuthority, Leaf
+from connectors_proxy.tls.upstream import (
     UpstreamCertificateError,
     UpstreamHostMismatch,
     describe_tls_failure,
@@ -37,7 +38,6 @@ from connectors_proxy.tls import (
     tls_error,
     upstream_policy,
 )
-from connectors_proxy.tls_mint import CertificateAuthority, Leaf
 
 
 def ca(name: str = "Test CA") -> CertificateAuthority:

@@ -1,5 +1,5 @@
 """
-Tests for L{connectors_proxy.tls_mint}: the CA, minted leaves, the cache.
+Tests for L{connectors_proxy.tls.mint}: the CA, minted leaves, the cache.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.tls_mint import CertificateAuthority, Leaf, LeafCache
+from connectors_proxy.tls.mint import CertificateAuthority, Leaf, LeafCache
 
 NOW = 1_750_000_000.0
 

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from connectors_proxy.tls_mint import CertificateAuthority
+from connectors_proxy.tls.mint import CertificateAuthority
 from tests.support.gitserver import fresh_home, git_env, has_secret, start_git_server
 from tests.support.procs import check, free_port, require, run
 from tests.support.proxy import (

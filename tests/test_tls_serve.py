@@ -1,5 +1,5 @@
 """
-Tests for L{connectors_proxy.tls_serve} and the C{cptls:} endpoint plugin:
+Tests for L{connectors_proxy.tls.serve} and the C{cptls:} endpoint plugin:
 name parsing and reloading with a fake clock, then real handshakes on
 127.0.0.1 with curl, C{openssl s_client} and a Twisted client.
 """
@@ -27,9 +27,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface.verify import verifyObject
 
-from connectors_proxy.tls import upstream_policy
-from connectors_proxy.tls_mint import CertificateAuthority, Leaf
-from connectors_proxy.tls_serve import (
+from connectors_proxy.tls.mint import CertificateAuthority, Leaf
+from connectors_proxy.tls.serve import (
     ServerTLS,
     TLSFiles,
     TLSServerEndpoint,
@@ -38,6 +37,7 @@ from connectors_proxy.tls_serve import (
     endpoint_from_string,
     parse_connector_host,
 )
+from connectors_proxy.tls.upstream import upstream_policy
 from tests.support.procs import check, require, run
 
 NOW = 1_750_000_000.0
@@ -249,7 +249,7 @@ class DaemonReloadTests(SynchronousTestCase):
     def test_cptls_reloaded_once(self) -> None:
         from twisted.internet.testing import MemoryReactorClock
 
-        from connectors_proxy.drain import Signals
+        from connectors_proxy.ops.drain import Signals
         from connectors_proxy.tap import Options, make_service
         pki = Pki(self.mktemp(), time.time())
         options = Options()

@@ -32,8 +32,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import Attribute, Interface, implementer
 
-from ..tls import certificates
-from .config import KubeConfig, TokenSource
+from connectors_proxy.kube.config import KubeConfig, TokenSource
+from connectors_proxy.tls.upstream import certificates
 
 JSON = dict[str, Any]
 EventCallback = Callable[[str, JSON], None]

@@ -33,7 +33,22 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
-from ..objects import (
+from connectors_proxy.kube.client import (
+    CONNECTOR_CLASSES,
+    CONNECTORS,
+    JSON,
+    SECRETS,
+    SERVICES,
+    IKubeClient,
+    KubeClient,
+)
+from connectors_proxy.kube.config import KubeConfig, load_in_cluster, load_kubeconfig
+from connectors_proxy.kube.identity import KubeIdentityVerifier
+from connectors_proxy.kube.leader import LeaderElector
+from connectors_proxy.kube.reconcile import MANAGED_BY, MANAGED_BY_LABEL, World, connector_name_of_service
+from connectors_proxy.kube.reflector import Key, Reflector, strip_managed_fields
+from connectors_proxy.kube.writer import IInventory, Writer
+from connectors_proxy.model.objects import (
     Connector,
     ConnectorClass,
     InvalidObject,
@@ -43,22 +58,7 @@ from ..objects import (
     parse_connector_class,
     parse_secret,
 )
-from ..state import Snapshot, Store
-from .client import (
-    CONNECTOR_CLASSES,
-    CONNECTORS,
-    JSON,
-    SECRETS,
-    SERVICES,
-    IKubeClient,
-    KubeClient,
-)
-from .config import KubeConfig, load_in_cluster, load_kubeconfig
-from .identity import KubeIdentityVerifier
-from .leader import LeaderElector
-from .reconcile import MANAGED_BY, MANAGED_BY_LABEL, World, connector_name_of_service
-from .reflector import Key, Reflector, strip_managed_fields
-from .writer import IInventory, Writer
+from connectors_proxy.model.state import Snapshot, Store
 
 log = Logger()
 
@@ -122,6 +122,9 @@ class Inventory:
         self._by_secret: dict[ObjectRef, set[Key]] = {}
         self._rebuild_call: IDelayedCall | None = None
         self.snapshots = 0
+        #: Another reason to answer "not ready" (identity reviews failing for
+        #: long); set by L{ClusterMode}, which calls L{update_ready} when it changes.
+        self.also_stale: Any = lambda: False
         #: Connector keys an event concerns; set by L{ClusterMode}.
         self.on_dirty: Any = None
 
@@ -174,7 +177,10 @@ class Inventory:
         self._update_ready()
 
     def _update_ready(self) -> None:
-        self.store.ready = self.synced and not self.stale and self.snapshots > 0
+        self.store.ready = (self.synced and not self.stale and self.snapshots > 0
+                            and not self.also_stale())
+
+    update_ready = _update_ready
 
     def _schedule_rebuild(self) -> None:
         # Events arrive in bursts (one TCP read carries many): build one
@@ -277,6 +283,7 @@ class ClusterMode(Service):
                  serve_tls: bool = False, *, client: IKubeClient | None = None,
                  identity: str | None = None, lease_namespace: str | None = None,
                  lease_name: str = "connectors-proxy", review_ttl: float = 10.0,
+                 review_stale: float = 300.0, review_timeout: float = 3.0,
                  audiences: tuple[str, ...] = (), proxy_subresource: bool = False,
                  stale_after: float = 60.0, resync_period: float = 600.0,
                  write: bool = True, max_in_flight: int = 8, qps: float = 100.0,
@@ -288,9 +295,15 @@ class ClusterMode(Service):
         self.client: IKubeClient = client if client is not None else KubeClient(reactor, config)
         self.verifier = KubeIdentityVerifier(self.client, reactor, audiences=audiences,
                                              ttl=review_ttl, negative_ttl=min(review_ttl, 5.0),
-                                             proxy_subresource=proxy_subresource)
+                                             proxy_subresource=proxy_subresource,
+                                             stale=review_stale, timeout=review_timeout,
+                                             stale_after=stale_after)
         self.inventory = Inventory(self.client, reactor, store, cluster_domain, serve_tls,
                                    stale_after=stale_after)
+        # Reviews failing as long as a watch may be away make the replica
+        # not ready, as a stale watch does (it keeps serving what it can).
+        self.inventory.also_stale = lambda: self.verifier.is_stale
+        self.verifier.on_stale_change.append(self.inventory.update_ready)
         self.elector: LeaderElector | None = None
         if leader_elect:
             self.elector = LeaderElector(
@@ -377,7 +390,7 @@ def cluster_service(options: Mapping[str, Any], reactor: Any) -> ClusterMode:
     The L{ClusterMode} for the daemon's command line (C{tap.Options}):
     C{--kubeconfig PATH} or C{--in-cluster}, C{--cluster-domain},
     C{--leader-elect}, C{--lease-namespace}, C{--review-cache-seconds},
-    C{--token-audience}; Services get an C{https} port when a C{--listen}
+    C{--review-stale-seconds}, C{--token-audience}; Services get an C{https} port when a C{--listen}
     endpoint serves TLS.
 
     @raise KubeConfigError: the configuration cannot be loaded (the caller
@@ -397,5 +410,7 @@ def cluster_service(options: Mapping[str, Any], reactor: Any) -> ClusterMode:
         serve_tls=serve_tls,
         lease_namespace=options.get("lease-namespace") or None,
         review_ttl=float(options.get("review-cache-seconds") or 10.0),
+        review_stale=float(options.get("review-stale-seconds") if options.get("review-stale-seconds")
+                           is not None else 300.0),
         audiences=audiences,
     )

@@ -12,6 +12,19 @@ server (TokenReview, then SubjectAccessReview), with short-lived caches.
   - When the API server cannot answer, the Deferred fails with
     L{ReviewUnavailable} (the HTTP layer answers 503: a client must not be
     told its token is bad because the API server was restarting).
+  - During an outage (the API server unreachable or not answering in time,
+    as opposed to answering), the last answer for a key is served for up to
+    C{stale} seconds after it was obtained: that is the longest a revoked
+    token or binding keeps working while the API server is away.  Only the
+    last answer is served, so a denial or an invalid token stays one; an
+    outage never turns into an allow.
+  - Each review has its own short timeout, and a L{Circuit} stops calling a
+    dead API server on every request: while it is open, lookups fail at
+    once (and are answered from the last answers where allowed), and one
+    trial call at a time checks whether the API server is back.
+  - An outage is logged once when it starts and once when it ends (with how
+    many answers were served stale and how many requests were refused),
+    never once per request.
 """
 
 from __future__ import annotations
@@ -25,17 +38,46 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
-from ..identity import token_digest
-from ..interfaces import Identity, IIdentityVerifier
-from .client import IKubeClient, KubeError
+from connectors_proxy.auth.identity import token_digest
+from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier, VerifierUnavailable
+from connectors_proxy.kube.client import IKubeClient, KubeError
 
 log = Logger()
 
 T = TypeVar("T")
 
 
-class ReviewUnavailable(Exception):
-    """The API server could not answer a review; the request gets a 503."""
+class ReviewUnavailable(VerifierUnavailable):
+    """
+    The API server could not answer a review; the request gets a 503.
+
+    @ivar outage: the API server could not be reached or did not answer in
+        time (as opposed to answering with an error): the last answers may
+        be served instead.
+    """
+
+    def __init__(self, message: str, outage: bool = False) -> None:
+        super().__init__(message)
+        self.outage = outage
+
+
+# Statuses that mean "not answering right now" rather than an answer: too
+# many requests, and a gateway or load balancer in front of an API server
+# that is down.
+OUTAGE_CODES = frozenset({429, 502, 503, 504})
+
+
+def is_outage(e: BaseException) -> bool:
+    """
+    Whether a review call's failure means the API server is unreachable or
+    not answering (connection refused or reset, TLS failure, timeout, an
+    overloaded or absent server behind a gateway), rather than an answer.
+    """
+    if isinstance(e, ReviewUnavailable):
+        return e.outage
+    if isinstance(e, KubeError):
+        return e.code in OUTAGE_CODES
+    return True
 
 
 # ServiceAccount tokens are JWTs of a few hundred bytes to a few KiB.
@@ -50,6 +92,7 @@ def token_key(token: str) -> str:
 @define
 class _Entry:
     value: Any
+    obtained: float
     expires: float
 
 
@@ -58,14 +101,28 @@ class ReviewCache:
     """
     Answers by key with expiry, and one shared lookup per key in flight.
 
+    An answer is fresh for its TTL.  After that it is kept until C{stale}
+    seconds after it was obtained: when a lookup fails with an outage (see
+    L{is_outage}), the waiters get that last answer instead of the failure;
+    while C{prefer_stale()} says an outage is going on, it is served at once
+    and the lookup runs in the background (it fails fast while the circuit
+    is open), so no request waits for a dead API server.
+
     @ivar hits: answers served from the cache (or a shared lookup).
     @ivar misses: lookups started.
+    @ivar stale_hits: answers served past their TTL because of an outage.
+    @ivar refused: lookups failed with an outage and no answer to fall back on
+        (counted per waiting request).
     """
 
     clock: IReactorTime
     max_entries: int = 50_000
+    stale: float = 0.0
+    prefer_stale: Callable[[], bool] = lambda: False
     hits: int = 0
     misses: int = 0
+    stale_hits: int = 0
+    refused: int = 0
     _entries: dict[Hashable, _Entry] = field(factory=dict)
     _waiting: dict[Hashable, list[Deferred[Any]]] = field(factory=dict)
 
@@ -77,9 +134,20 @@ class ReviewCache:
             if entry.expires > now:
                 self.hits += 1
                 return succeed(entry.value)
-            del self._entries[key]
+            if not self._usable(entry, now):
+                del self._entries[key]
+                entry = None
         d: Deferred[T] = Deferred()
         waiters = self._waiting.get(key)
+        if entry is not None and self.prefer_stale():
+            # The API server is known to be away: answer now, and let one
+            # lookup (which fails fast while the circuit is open) refresh it.
+            self.stale_hits += 1
+            if waiters is None:
+                self.misses += 1
+                self._waiting[key] = []
+                Deferred.fromCoroutine(self._lookup(key, lookup, ttl))
+            return succeed(entry.value)
         if waiters is not None:
             self.hits += 1
             waiters.append(d)
@@ -89,30 +157,95 @@ class ReviewCache:
         Deferred.fromCoroutine(self._lookup(key, lookup, ttl))
         return d
 
+    def _usable(self, entry: _Entry, now: float) -> bool:
+        """Whether an expired answer may still stand in during an outage."""
+        return now - entry.obtained <= self.stale
+
     async def _lookup(self, key: Hashable, lookup: Callable[[], Awaitable[T]],
                       ttl: Callable[[T], float]) -> None:
         try:
             value = await lookup()
         except Exception as e:  # noqa: BLE001 - handed to every waiter, never cached
-            for d in self._waiting.pop(key, []):
+            waiters = self._waiting.pop(key, [])
+            entry = self._entries.get(key)
+            if is_outage(e) and entry is not None and self._usable(entry, self.clock.seconds()):
+                self.stale_hits += len(waiters)
+                for d in waiters:
+                    d.callback(entry.value)
+                return
+            if is_outage(e):
+                self.refused += len(waiters)
+            for d in waiters:
                 d.errback(e)
             return
         seconds = ttl(value)
+        now = self.clock.seconds()
         if seconds > 0:
-            if len(self._entries) >= self.max_entries:
+            if key not in self._entries and len(self._entries) >= self.max_entries:
                 self._prune()
-            self._entries[key] = _Entry(value, self.clock.seconds() + seconds)
+            self._entries[key] = _Entry(value, now, now + seconds)
+        else:
+            self._entries.pop(key, None)
         for d in self._waiting.pop(key, []):
             d.callback(value)
 
     def _prune(self) -> None:
         now = self.clock.seconds()
-        for key in [k for k, e in self._entries.items() if e.expires <= now]:
+        for key in [k for k, e in self._entries.items()
+                    if e.expires <= now and not self._usable(e, now)]:
             del self._entries[key]
         # Still full (a flood of distinct tokens): drop the oldest half.
         if len(self._entries) >= self.max_entries:
             for key in list(self._entries)[: len(self._entries) // 2]:
                 del self._entries[key]
+
+
+@define
+class Circuit:
+    """
+    A circuit breaker for calls to one API server.
+
+    Closed, every call goes through.  After C{threshold} outages in a row it
+    opens: calls are refused at once for C{backoff} seconds (doubling with
+    each failed trial, up to C{max_backoff}); then one trial call at a time
+    is let through, and its success closes the circuit.
+    """
+
+    clock: IReactorTime
+    threshold: int = 2
+    backoff: float = 1.0
+    max_backoff: float = 10.0
+    failures: int = 0
+    _retry_at: float | None = None
+    _delay: float = 0.0
+    _trial: bool = False
+
+    @property
+    def is_open(self) -> bool:
+        return self._retry_at is not None
+
+    def allow(self) -> bool:
+        """Whether a call may be made now (closed, or the one trial call)."""
+        if self._retry_at is None:
+            return True
+        if self._trial or self.clock.seconds() < self._retry_at:
+            return False
+        self._trial = True
+        return True
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self._retry_at = None
+        self._delay = 0.0
+        self._trial = False
+
+    def failed(self) -> None:
+        """An outage (not an answer, even an error answer: that is L{succeeded})."""
+        self.failures += 1
+        self._trial = False
+        if self.failures >= self.threshold:
+            self._delay = min(self.max_backoff, self._delay * 2 if self._delay else self.backoff)
+            self._retry_at = self.clock.seconds() + self._delay
 
 
 @implementer(IIdentityVerifier)
@@ -125,6 +258,12 @@ class KubeIdentityVerifier:
     @param negative_ttl: seconds an invalid token or a denial is reused.
     @param proxy_subresource: also require C{get} on the C{connectors/proxy}
         subresource (a stricter RBAC rule than reading the Connector).
+    @param stale: during an API server outage, seconds after it was obtained
+        that an answer is still served (C{--review-stale-seconds}; 0: never).
+    @param timeout: seconds one review call may take before it counts as an
+        outage (shorter than the client's own timeout: a request waits for it).
+    @param stale_after: seconds an outage lasts before L{stale} says so (and
+        C{/readyz} answers 503), like a watch that cannot reconnect.
     """
 
     client: IKubeClient
@@ -134,13 +273,31 @@ class KubeIdentityVerifier:
     negative_ttl: float = 5.0
     proxy_subresource: bool = False
     max_in_flight: int = 64
+    stale: float = 300.0
+    timeout: float = 3.0
+    stale_after: float = 60.0
     tokens: ReviewCache = field(init=False)
     access: ReviewCache = field(init=False)
+    circuit: Circuit = field(init=False)
     in_flight: int = 0
+    #: When the current outage started (C{None}: no outage).
+    outage_since: float | None = None
+    #: Called (no arguments) when L{stale} changes.
+    on_stale_change: list[Callable[[], object]] = field(factory=list)
+    _outage_counts: tuple[int, int] = (0, 0)
+    _stale_call: Any = None
 
     def __attrs_post_init__(self) -> None:
-        self.tokens = ReviewCache(self.clock)
-        self.access = ReviewCache(self.clock)
+        in_outage = lambda: self.outage_since is not None  # noqa: E731
+        self.tokens = ReviewCache(self.clock, stale=self.stale, prefer_stale=in_outage)
+        self.access = ReviewCache(self.clock, stale=self.stale, prefer_stale=in_outage)
+        self.circuit = Circuit(self.clock)
+
+    @property
+    def is_stale(self) -> bool:
+        """Whether reviews have been failing for C{stale_after} seconds or more."""
+        return (self.outage_since is not None
+                and self.clock.seconds() - self.outage_since >= self.stale_after)
 
     def authenticate(self, token: str) -> Deferred[Identity | None]:
         key = token_key(token)
@@ -165,9 +322,8 @@ class KubeIdentityVerifier:
             raise ReviewUnavailable("too many token reviews in flight")
         self.in_flight += 1
         try:
-            status = await self.client.create_token_review(token, self.audiences)
-        except Exception as e:  # noqa: BLE001 - any failure: the answer cannot be had
-            raise self._unavailable("TokenReview", e, token) from None
+            status = await self._call("TokenReview", token,
+                                      lambda: self.client.create_token_review(token, self.audiences))
         finally:
             self.in_flight -= 1
         if status.get("error") and not status.get("authenticated"):
@@ -199,10 +355,8 @@ class KubeIdentityVerifier:
                                     "resourceAttributes": attributes}
             if identity.uid:
                 spec["uid"] = identity.uid
-            try:
-                status = await self.client.create_subject_access_review(spec)
-            except Exception as e:  # noqa: BLE001 - any failure: the answer cannot be had
-                raise self._unavailable("SubjectAccessReview", e, None) from None
+            status = await self._call("SubjectAccessReview", None,
+                                      lambda spec=spec: self.client.create_subject_access_review(spec))
             if status.get("evaluationError") and not status.get("allowed"):
                 log.emit(LogLevel.warn, "SubjectAccessReview for {user} on {ns}/{name}: {error}",
                          user=identity.username, ns=namespace, name=name,
@@ -211,10 +365,85 @@ class KubeIdentityVerifier:
                 return False
         return True
 
-    def _unavailable(self, what: str, e: Exception, token: str | None) -> ReviewUnavailable:
-        detail = str(e) if isinstance(e, KubeError) else type(e).__name__
-        if token:
-            # Should an API server ever echo the request, the token stays out of logs.
-            detail = detail.replace(token, "<token>")
-        log.emit(LogLevel.warn, "{what} failed: {error}", what=what, error=detail)
-        return ReviewUnavailable(f"{what} failed: {detail}")
+    async def _call(self, what: str, token: str | None,
+                    call: Callable[[], Deferred[dict[str, Any]]]) -> dict[str, Any]:
+        """
+        One review call, through the circuit and with its own timeout;
+        failures become L{ReviewUnavailable} (C{outage} set when the API
+        server was not reached or did not answer in time).
+        """
+        if not self.circuit.allow():
+            raise ReviewUnavailable(f"{what} skipped: the API server is unreachable", outage=True)
+        d = call()
+        timed_out: list[bool] = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+        timer = self.clock.callLater(self.timeout, expire)
+        try:
+            status = await d
+        except Exception as e:  # noqa: BLE001 - any failure: the answer cannot be had
+            outage = bool(timed_out) or is_outage(e)
+            if timed_out:
+                detail = f"no answer within {self.timeout:g} s"
+            else:
+                detail = str(e) if isinstance(e, KubeError) else type(e).__name__
+            if token:
+                # Should an API server ever echo the request, the token stays out of logs.
+                detail = detail.replace(token, "<token>")
+            if outage:
+                self.circuit.failed()
+                self._outage_started(what, detail)
+            else:
+                # It answered (with an error): reachable, not an outage.
+                self.circuit.succeeded()
+                self._outage_ended()
+                log.emit(LogLevel.warn, "{what} failed: {error}", what=what, error=detail)
+            raise ReviewUnavailable(f"{what} failed: {detail}", outage=outage) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        self.circuit.succeeded()
+        self._outage_ended()
+        return status
+
+    def _counts(self) -> tuple[int, int]:
+        return (self.tokens.stale_hits + self.access.stale_hits,
+                self.tokens.refused + self.access.refused)
+
+    def _outage_started(self, what: str, detail: str) -> None:
+        if self.outage_since is not None:
+            log.debug("{what} failed during the outage: {error}", what=what, error=detail)
+            return
+        self.outage_since = self.clock.seconds()
+        self._outage_counts = self._counts()
+        log.emit(LogLevel.warn,
+                 "reviews stale: the API server is unreachable ({what}: {error}); serving the last "
+                 "token and access answers up to {stale:g} s old, refusing (503) what is not cached",
+                 what=what, error=detail, stale=self.stale, event="reviews-stale")
+        if self.stale_after > 0:
+            self._stale_call = self.clock.callLater(self.stale_after, self._notify)
+        else:
+            self._notify()
+
+    def _outage_ended(self) -> None:
+        if self.outage_since is None:
+            return
+        seconds = self.clock.seconds() - self.outage_since
+        stale_before, refused_before = self._outage_counts
+        stale_now, refused_now = self._counts()
+        self.outage_since = None
+        if self._stale_call is not None and self._stale_call.active():
+            self._stale_call.cancel()
+        self._stale_call = None
+        log.emit(LogLevel.warn,
+                 "reviews recovered: the API server answers again after {seconds:.1f} s; "
+                 "{stale} answers were served stale, {refused} requests refused",
+                 seconds=seconds, stale=stale_now - stale_before, refused=refused_now - refused_before,
+                 event="reviews-recovered")
+        self._notify()
+
+    def _notify(self) -> None:
+        for callback in list(self.on_stale_change):
+            callback()

@@ -28,7 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 
-from .client import JSON, LEASES, IKubeClient, KubeError
+from connectors_proxy.kube.client import JSON, LEASES, IKubeClient, KubeError
 
 log = Logger()
 

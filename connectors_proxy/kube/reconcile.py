@@ -21,7 +21,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from ..objects import API_VERSION, Connector, ConnectorClass, InvalidObject, ObjectRef, Secret
+from connectors_proxy.model.objects import API_VERSION, Connector, ConnectorClass, InvalidObject, ObjectRef, Secret
 
 JSON = dict[str, Any]
 

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel
 
-from .client import JSON, IKubeClient, IWatch, KubeError, Resource
+from connectors_proxy.kube.client import JSON, IKubeClient, IWatch, KubeError, Resource
 
 log = Logger()
 

@@ -25,10 +25,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from zope.interface import Interface
 
-from ..objects import Connector, InvalidObject, parse_connector
-from .client import CONNECTORS, JSON, SERVICES, IKubeClient, KubeError
-from .reconcile import ServiceAction, World, decide, format_time, service_name
-from .reflector import Key, resource_version_of
+from connectors_proxy.kube.client import CONNECTORS, JSON, SERVICES, IKubeClient, KubeError
+from connectors_proxy.kube.reconcile import ServiceAction, World, decide, format_time, service_name
+from connectors_proxy.kube.reflector import Key, resource_version_of
+from connectors_proxy.model.objects import Connector, InvalidObject, parse_connector
 
 log = Logger()
 

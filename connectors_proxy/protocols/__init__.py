@@ -17,9 +17,9 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..errors import ProxyError
-from ..relay import Target
-from ..streaming import ProxyRequest
+from connectors_proxy.server.channel import ProxyRequest
+from connectors_proxy.server.errors import ProxyError
+from connectors_proxy.upstream.target import Target
 
 
 class ProtocolResource(Resource):

@@ -46,14 +46,15 @@ from attrs import define, field, frozen
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from .. import errors, relay
-from ..accesslog import redact_target
-from ..credentials import BasicCredentials, Credentials
-from ..errors import ProxyError, bad_gateway, not_found
-from ..headers import same_origin
-from ..relay import Target
-from ..streaming import ProxyRequest
-from . import ProtocolResource, naming_connector
+from connectors_proxy.model.credentials import BasicCredentials, Credentials
+from connectors_proxy.protocols import ProtocolResource, naming_connector
+from connectors_proxy.server import errors
+from connectors_proxy.server.accesslog import redact_target
+from connectors_proxy.server.channel import ProxyRequest
+from connectors_proxy.server.errors import ProxyError, bad_gateway, not_found
+from connectors_proxy.server.headers import same_origin
+from connectors_proxy.upstream import relay
+from connectors_proxy.upstream.target import Target
 
 log = Logger()
 

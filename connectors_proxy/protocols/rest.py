@@ -8,10 +8,10 @@ L{ProxyError} into the protocol's error body.
 
 from __future__ import annotations
 
-from .. import relay
-from ..errors import ProxyError
-from ..streaming import ProxyRequest
-from . import ProtocolResource
+from connectors_proxy.protocols import ProtocolResource
+from connectors_proxy.server.channel import ProxyRequest
+from connectors_proxy.server.errors import ProxyError
+from connectors_proxy.upstream import relay
 
 
 class RestResource(ProtocolResource):

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 
-from .fakekube_auth import (
+from connectors_proxy.testing.fakekube_auth import (
     AUTHENTICATED,
     MASTERS,
     Attributes,
@@ -64,7 +64,7 @@ from .fakekube_auth import (
     review_token,
     service_account_user,
 )
-from .fakekube_model import (
+from connectors_proxy.testing.fakekube_model import (
     JSON,
     RESOURCES,
     ApiError,
@@ -88,7 +88,7 @@ from .fakekube_model import (
     strategic_merge_patch,
     unsupported_patch,
 )
-from .fakekube_strategy import (
+from connectors_proxy.testing.fakekube_strategy import (
     SYSTEM_META,
     Allocator,
     Strategy,
@@ -101,7 +101,7 @@ from .fakekube_strategy import (
 )
 
 if TYPE_CHECKING:
-    from .fakekube_http import FakeKubeServer
+    from connectors_proxy.testing.fakekube_http import FakeKubeServer
 
 DEFAULT_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "kubernetes-admin"
@@ -906,7 +906,7 @@ def start_fake_kube(test: Any, reactor: Any, tls: bool = False,
     C{reactor}: pass a L{twisted.internet.task.Clock} to drive bookmarks,
     watch timeouts and token expiry by hand while the sockets stay real).
     """
-    from .fakekube_http import FakeKubeServer
+    from connectors_proxy.testing.fakekube_http import FakeKubeServer
 
     options.setdefault("clock", reactor)
     fake = FakeKube(**options)
@@ -921,7 +921,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
-    from .fakekube_http import FakeKubeServer
+    from connectors_proxy.testing.fakekube_http import FakeKubeServer
 
     parser = argparse.ArgumentParser(prog="python -m connectors_proxy.testing.fakekube",
                                      description="In-memory Kubernetes API server for manual testing.")

@@ -18,7 +18,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from .fakekube_model import JSON
+from connectors_proxy.testing.fakekube_model import JSON
 
 MASTERS = "system:masters"
 AUTHENTICATED = "system:authenticated"

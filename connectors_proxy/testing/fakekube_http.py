@@ -28,8 +28,8 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from .fakekube_auth import Attributes, User
-from .fakekube_model import (
+from connectors_proxy.testing.fakekube_auth import Attributes, User
+from connectors_proxy.testing.fakekube_model import (
     JSON,
     METHOD_NOT_ALLOWED,
     PAGE_NOT_FOUND,
@@ -44,7 +44,7 @@ from .fakekube_model import (
 )
 
 if TYPE_CHECKING:
-    from .fakekube import FakeKube, Watch
+    from connectors_proxy.testing.fakekube import FakeKube, Watch
 
 _TRUE = ("1", "t", "T", "true", "TRUE", "True")
 _BODY_TYPES = ("application/json", "application/yaml")

@@ -29,7 +29,7 @@ from attrs import define, field
 from jsonschema import Draft4Validator
 from jsonschema.exceptions import ValidationError
 
-from .fakekube_model import (
+from connectors_proxy.testing.fakekube_model import (
     JSON,
     Cause,
     ResourceType,

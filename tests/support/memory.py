@@ -13,7 +13,7 @@ recorded, and the peer then sees L{ConnectionLost} rather than a clean close.
 
 The upstream side is the real L{twisted.web.client.Agent} with a persistent
 L{HTTPConnectionPool}, connected in memory to a L{twisted.web.server.Site}
-per origin; L{MemoryAgents} stands in for L{connectors_proxy.relay.Agents}
+per origin; the daemon's L{connectors_proxy.upstream.agents.Agents} connect in memory
 (which has no interface to verify it against: the tests compare the
 signatures instead).
 """
@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.interfaces import (
     IConsumer,
@@ -42,16 +42,17 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgent, IAgentEndpointFactory
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from zope.interface import directlyProvides, implementer
 
-from connectors_proxy.identity import StaticTokens, parse_token_file
-from connectors_proxy.manifests import parse_documents
-from connectors_proxy.state import Snapshot, Store
+from connectors_proxy.auth.identity import StaticTokens, parse_token_file
+from connectors_proxy.model.state import Snapshot, Store
+from connectors_proxy.sources.manifests import parse_documents
 from connectors_proxy.tap import proxy_site
+from connectors_proxy.tls.upstream import upstream_policy
+from connectors_proxy.upstream.agents import Agents
 
 from .proxy import LogCapture, capture_logs, manifests_text, token_file_text
 
@@ -312,38 +313,21 @@ class _Endpoints:
         return _Endpoint(self.network, self.upstreams, uri.scheme, uri.host, uri.port)
 
 
-@define
-class MemoryAgents:
+def memory_agents(network: MemoryNetwork, upstreams: Mapping[str, Upstream],
+                  asked: list[tuple[bytes | None, bytes | None, bytes | None]] | None = None) -> Agents:
     """
-    What the root resource uses of L{connectors_proxy.relay.Agents}: one
-    real L{Agent} (persistent pool) per TLS identity, reaching the
-    L{Upstream}s in memory.  C{asked} records the TLS material each agent
-    was asked for.
+    The daemon's own L{Agents} (pools, client protocol, TLS identities),
+    its connections made in memory to the L{Upstream}s.  C{asked} records
+    the TLS material each agent was asked for.
     """
 
-    network: MemoryNetwork
-    upstreams: Mapping[str, Upstream]
-    asked: list[tuple[bytes | None, bytes | None, bytes | None]] = field(factory=list)
-    _agents: dict[tuple[bytes | None, bytes | None, bytes | None], IAgent] = field(factory=dict)
-    _pools: list[HTTPConnectionPool] = field(factory=list)
+    def policy_for(ca: bytes | None, cert: bytes | None, key: bytes | None) -> Any:
+        if asked is not None:
+            asked.append((ca, cert, key))
+        return upstream_policy(ca, cert, key)
 
-    def agent(self, ca_pem: bytes | None = None, cert_pem: bytes | None = None,
-              key_pem: bytes | None = None) -> IAgent:
-        key = (ca_pem, cert_pem, key_pem)
-        self.asked.append(key)
-        agent = self._agents.get(key)
-        if agent is None:
-            pool = HTTPConnectionPool(self.network.clock, persistent=True)
-            self._pools.append(pool)
-            agent = self._agents[key] = Agent.usingEndpointFactory(
-                self.network.clock, _Endpoints(self.network, self.upstreams), pool=pool)
-        return agent
-
-    def idle_connections(self) -> int:
-        return sum(len(idle) for pool in self._pools for idle in pool._connections.values())
-
-    def close(self) -> Deferred[list[Any]]:
-        return gatherResults([pool.closeCachedConnections() for pool in self._pools])
+    return Agents(network.clock, policy_for,
+                  endpoints=lambda reactor, policy, timeout: _Endpoints(network, upstreams))
 
 
 # -- the client ---------------------------------------------------------------------
@@ -524,7 +508,7 @@ class MemoryProxy:
     tokens: StaticTokens
     site: Any
     root: Any
-    agents: MemoryAgents
+    agents: Agents
     logs: LogCapture
     upstreams: dict[str, Upstream]
     clients: list[Client] = field(factory=list)
@@ -569,7 +553,7 @@ def memory_proxy(test: SynchronousTestCase, objects: Iterable[Mapping[str, Any]]
     """
     The proxy site as the daemon builds it (L{proxy_site}), over
     C{objects} (manifest dicts) and C{tokens} (C{{token: username}}), with
-    its upstream agents replaced by L{MemoryAgents}.  Everything it logs is
+    its upstream agents connecting in memory.  Everything it logs is
     captured; idle upstream connections are closed at cleanup.
     """
     clock = Clock()
@@ -577,12 +561,9 @@ def memory_proxy(test: SynchronousTestCase, objects: Iterable[Mapping[str, Any]]
     store = Store()
     verifier = StaticTokens({})
     logs = capture_logs(test)  # type: ignore[arg-type]
-    site, root, _ = proxy_site(store, verifier, clock, cluster_domain)
     upstreams: dict[str, Upstream] = {}
-    # proxy_site builds its own Agents (TCP and TLS through the reactor);
-    # there is no parameter to pass others, so the root's is replaced.
-    agents = MemoryAgents(network, upstreams)
-    root.agents = agents  # type: ignore[assignment]
+    agents = memory_agents(network, upstreams)
+    site, root, _ = proxy_site(store, verifier, clock, cluster_domain, agents=agents)
     proxy = MemoryProxy(clock, network, store, verifier, site, root, agents, logs, upstreams)
     proxy.set_objects(objects)
     proxy.set_tokens(tokens)

@@ -26,10 +26,10 @@ from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from connectors_proxy.identity import StaticTokens, parse_token_file
-from connectors_proxy.logformat import json_line, text_line
-from connectors_proxy.manifests import parse_documents
-from connectors_proxy.state import Snapshot, Store
+from connectors_proxy.auth.identity import StaticTokens, parse_token_file
+from connectors_proxy.model.state import Snapshot, Store
+from connectors_proxy.ops.logformat import json_line, text_line
+from connectors_proxy.sources.manifests import parse_documents
 from connectors_proxy.tap import proxy_site
 
 from .procs import Server, free_port, start_server

@@ -22,7 +22,7 @@ class _ConnectorsProxyTLSParser:
     prefix = "cptls"
 
     def parseStreamServer(self, reactor: Any, *args: Any, **kwargs: Any) -> Any:
-        from connectors_proxy.tls_serve import endpoint_from_string
+        from connectors_proxy.tls.serve import endpoint_from_string
 
         return endpoint_from_string(reactor, *args, **kwargs)
 

@@ -21,24 +21,24 @@ from attrs import define, evolve, field
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from . import accesslog, errors, limits
-from .credentials import CredentialsUnavailable, resolve
-from .errors import OCI_PING_HEADERS
-from .headers import same_origin
-from .identity import Presented, presented_token
-from .interfaces import Identity, IIdentityVerifier
-from .objects import Connector, ObjectRef, Secret
-from .protocols import ProtocolResource
-from .relay import Agents, Target, client_base, send_bytes, send_error
-from .routing import BadTarget, Route, route
-from .state import Snapshot, Store
-from .streaming import ProxyRequest
-from .tls import load_ca_bundle, load_client_certificate
-from .tls_serve import client_identity
+from connectors_proxy.auth.identity import Presented, presented_token
+from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier, VerifierUnavailable
+from connectors_proxy.model.credentials import CredentialsUnavailable, resolve
+from connectors_proxy.model.objects import Connector, ObjectRef
+from connectors_proxy.model.state import Snapshot, Store
+from connectors_proxy.protocols import ProtocolResource
+from connectors_proxy.server import accesslog, errors, limits
+from connectors_proxy.server.channel import ProxyRequest
+from connectors_proxy.server.errors import OCI_PING_HEADERS
+from connectors_proxy.server.headers import same_origin
+from connectors_proxy.server.routing import BadTarget, Route, route
+from connectors_proxy.tls.serve import client_identity
+from connectors_proxy.upstream.agents import ConnectorAgents
+from connectors_proxy.upstream.relay import send_bytes, send_error
+from connectors_proxy.upstream.target import Target, client_base
 
 log = Logger()
 
@@ -78,14 +78,12 @@ class ConnectorsResource(Resource):
 
     store: Store
     verifier: IIdentityVerifier
-    agents: Agents
+    agents: ConnectorAgents
     protocols: Mapping[str, ProtocolResource]
     cluster_domain: str = "cluster.local"
     observers: list[Callable[[ProxyRequest, accesslog.AccessRecord], None]] = field(factory=list)
     # Per-Connector concurrency limit (None: unlimited).
     limiter: limits.ConcurrencyLimiter | None = None
-    _agent_cache: dict[tuple[int, int], tuple[Secret | None, Secret | None, tuple[IAgent, IAgent]]] = field(
-        factory=dict)
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
@@ -140,6 +138,9 @@ class ConnectorsResource(Resource):
             )
         try:
             identity = await self.verifier.authenticate(presented.token)
+        except VerifierUnavailable:
+            # The verifier logs an outage once; a line per request would flood.
+            raise errors.unavailable("cannot verify the token right now; retry later") from None
         except Exception:
             log.failure("token review failed")
             raise errors.unavailable("cannot verify the token right now; retry later") from None
@@ -173,6 +174,8 @@ class ConnectorsResource(Resource):
 
         try:
             allowed = await self.verifier.authorize(identity, ref.namespace, ref.name)
+        except VerifierUnavailable:
+            raise errors.unavailable("cannot check access right now; retry later") from None
         except Exception:
             log.failure("access review failed")
             raise errors.unavailable("cannot check access right now; retry later") from None
@@ -195,7 +198,7 @@ class ConnectorsResource(Resource):
             credentials = resolve(connector, connector_class, snapshot)
         except CredentialsUnavailable as e:
             raise errors.unavailable(e.message) from None
-        agent, foreign_agent = self._agent(connector, snapshot)
+        agent, foreign_agent = self.agents.for_connector(connector, snapshot)
         return Target(
             connector=connector,
             connector_class=connector_class,
@@ -206,42 +209,6 @@ class ConnectorsResource(Resource):
             foreign_agent=foreign_agent,
             client_base=client_base(request),
         )
-
-    def _agent(self, connector: Connector, snapshot: Snapshot) -> tuple[IAgent, IAgent]:
-        """
-        The agents for C{connector}'s TLS configuration (extra CA, client
-        certificate): one for its address, one without the client
-        certificate for other origins.  Parsing PEM is costly, so the answer is kept per pair
-        of Secret objects: a reload that changes a Secret makes a new object.
-        """
-        ca_secret = snapshot.secret(connector.ca_secret_ref)
-        cert_secret = snapshot.secret(connector.client_cert_secret_ref)
-        if connector.ca_secret_ref is not None and ca_secret is None:
-            raise errors.unavailable(f"CA Secret {connector.ca_secret_ref} of Connector {connector.ref} not found")
-        if connector.client_cert_secret_ref is not None and cert_secret is None:
-            raise errors.unavailable(
-                f"client certificate Secret {connector.client_cert_secret_ref} of Connector {connector.ref} not found"
-            )
-        key = (id(ca_secret), id(cert_secret))
-        cached = self._agent_cache.get(key)
-        if cached is not None and cached[0] is ca_secret and cached[1] is cert_secret:
-            return cached[2]
-        ca = cert = private_key = None
-        if ca_secret is not None:
-            try:
-                ca = load_ca_bundle(ca_secret.data)
-            except ValueError as e:
-                raise errors.unavailable(f"CA Secret {connector.ca_secret_ref}: {e}") from None
-        if cert_secret is not None:
-            try:
-                cert, private_key = load_client_certificate(cert_secret.data)
-            except ValueError as e:
-                raise errors.unavailable(f"client certificate Secret {connector.client_cert_secret_ref}: {e}") from None
-        agents = (self.agents.agent(ca, cert, private_key), self.agents.agent(ca))
-        if len(self._agent_cache) > 4096:
-            self._agent_cache.clear()
-        self._agent_cache[key] = (ca_secret, cert_secret, agents)
-        return agents
 
     def _finished(self, result: object, request: ProxyRequest, started: float,
                   context: Mapping[str, str]) -> None:

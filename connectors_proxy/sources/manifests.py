@@ -23,9 +23,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .identity import InvalidTokenFile, StaticTokens, parse_token_file
-from .objects import InvalidObject, KubeObject, ObjectRef, parse_object
-from .state import Snapshot, Store
+from connectors_proxy.auth.identity import InvalidTokenFile, StaticTokens, parse_token_file
+from connectors_proxy.model.objects import InvalidObject, KubeObject, ObjectRef, parse_object
+from connectors_proxy.model.state import Snapshot, Store
 
 log = Logger()
 

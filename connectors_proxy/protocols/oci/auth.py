@@ -6,7 +6,7 @@ How the proxy authenticates to a registry, as pure functions:
  - what the Connector's credentials (from its Secret) are worth to a registry;
  - building the request to a token realm and reading its answer.
 
-Nothing here does I/O; L{connectors_proxy.protocols.oci} drives it.
+Nothing here does I/O; L{connectors_proxy.protocols.oci.resource} drives it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 
 from attrs import field, frozen
 
-from .credentials import BasicCredentials, Credentials
+from connectors_proxy.model.credentials import BasicCredentials, Credentials
 
 # -- challenges ---------------------------------------------------------------
 
@@ -201,7 +201,7 @@ DEFAULT_TOKEN_USERNAME = "connectors-proxy"
 def registry_credentials(credentials: Credentials | None) -> RegistryCredentials | None:
     """
     The registry credentials of a Connector's resolved credentials
-    (L{connectors_proxy.credentials.resolve}, SPEC section 2): Basic ones
+    (L{connectors_proxy.model.credentials.resolve}, SPEC section 2): Basic ones
     as they are; a bearer token as the password at the token realm (with
     L{DEFAULT_TOKEN_USERNAME}), or as a bearer token for a registry that
     asks for one directly; a docker config's identity token as the OAuth2

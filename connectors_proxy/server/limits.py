@@ -40,7 +40,7 @@ from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from . import errors
+from connectors_proxy.server import errors
 
 # Seconds a refused client is told to wait before retrying.
 RETRY_AFTER = 1

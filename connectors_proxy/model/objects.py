@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
-from .model import protocols
-from .model.protocols import PROTOCOL_ANNOTATION
+from connectors_proxy.model import protocols
+from connectors_proxy.model.protocols import PROTOCOL_ANNOTATION
 
 GROUP = "connectors.alauda.io"
 API_VERSION = GROUP + "/v1alpha1"

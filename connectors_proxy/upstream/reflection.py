@@ -6,7 +6,7 @@ C{Authorization}, a foreign C{Location} carrying it in its query) would hand
 the Connector's Secret to every workload allowed to use the Connector.
 
 What is secret (L{secrets_for}): the values of the credentials the proxy
-injected (L{connectors_proxy.credentials.BasicCredentials.secret_values}),
+injected (L{connectors_proxy.model.credentials.BasicCredentials.secret_values}),
 whatever else it injected (a registry token), and the forms a reflection
 carries them in.  What the relay does with them: header values that contain
 one are dropped (L{drop_reflected}), textual bodies are masked with
@@ -28,7 +28,7 @@ from urllib.parse import quote
 from attrs import field, frozen
 from twisted.web.http_headers import Headers
 
-from .credentials import Credentials
+from connectors_proxy.model.credentials import Credentials
 
 # Shorter values are only looked for as part of their longer forms (the
 # Basic user:password pair, the header value): masking every "p" or "1234"

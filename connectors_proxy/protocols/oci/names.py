@@ -23,7 +23,7 @@ from urllib.parse import quote, unquote, urljoin, urlsplit
 
 from attrs import frozen
 
-from .headers import same_origin
+from connectors_proxy.server.headers import same_origin
 
 # Repository names, from the distribution specification.
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 from attrs import field, frozen
 
-from .objects import (
+from connectors_proxy.model.objects import (
     SECRET_BASIC,
     SECRET_BEARER,
     SECRET_DOCKERCONFIG,
@@ -23,7 +23,7 @@ from .objects import (
     ConnectorClass,
     Secret,
 )
-from .state import Snapshot
+from connectors_proxy.model.state import Snapshot
 
 
 @frozen
@@ -39,7 +39,7 @@ class BasicCredentials:
         """
         What an upstream could reflect of these credentials: the password,
         the C{user:password} pair and the injected header value (the forms
-        they may be quoted in are L{connectors_proxy.reflection}'s).
+        they may be quoted in are L{connectors_proxy.upstream.reflection}'s).
         """
         return (self.password.encode(), f"{self.username}:{self.password}".encode(), self.authorization())
 

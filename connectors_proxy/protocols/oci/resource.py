@@ -42,10 +42,8 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
-from .. import relay
-from ..errors import OCI_PING_HEADERS, ProxyError, bad_gateway
-from ..headers import client_response_headers
-from ..oci_auth import (
+from connectors_proxy.protocols import ProtocolResource, naming_connector
+from connectors_proxy.protocols.oci.auth import (
     Challenge,
     IssuedToken,
     RegistryCredentials,
@@ -58,7 +56,7 @@ from ..oci_auth import (
     registry_credentials,
     token_request,
 )
-from ..oci_names import (
+from connectors_proxy.protocols.oci.names import (
     BLOB,
     CATALOG,
     MAX_REWRITTEN_BODY,
@@ -73,11 +71,13 @@ from ..oci_names import (
     rewrite_upstream_url,
     scopes_for,
 )
-from ..oci_tokens import SingleFlight, TokenCache, TokenKey, fingerprint
-from ..reflection import Secrets, drop_reflected, secrets_for
-from ..relay import Target
-from ..streaming import ProxyRequest
-from . import ProtocolResource, naming_connector
+from connectors_proxy.protocols.oci.tokens import SingleFlight, TokenCache, TokenKey, fingerprint
+from connectors_proxy.server.channel import ProxyRequest
+from connectors_proxy.server.errors import OCI_PING_HEADERS, ProxyError, bad_gateway
+from connectors_proxy.server.headers import client_response_headers
+from connectors_proxy.upstream import relay
+from connectors_proxy.upstream.reflection import Secrets, drop_reflected, secrets_for
+from connectors_proxy.upstream.target import Target
 
 log = Logger()
 

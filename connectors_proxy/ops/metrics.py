@@ -31,7 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from .accesslog import AccessRecord
+from connectors_proxy.server.accesslog import AccessRecord
 
 # The *_created series double what every scrape carries and no dashboard
 # uses them; this switch is process-wide in prometheus_client.
@@ -168,7 +168,7 @@ class ProxyMetrics:
         self.state.sites.append(site)
 
     def track_agents(self, agents: Any) -> None:
-        """Count the idle pooled upstream connections of a L{relay.Agents}."""
+        """Count the idle pooled upstream connections of an L{Agents<connectors_proxy.upstream.agents.Agents>}."""
         self.state.agents.append(agents)
 
     def track_limiter(self, limiter: Any) -> None:

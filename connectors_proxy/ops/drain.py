@@ -51,7 +51,7 @@ class Drainer:
 
     @ivar sites: C{ProxySite}s; their C{channels} are the open connections.
     @ivar listeners: the services listening for those sites; stopped first.
-    @ivar notify: sends a systemd state line (L{connectors_proxy.sdnotify.notify}).
+    @ivar notify: sends a systemd state line (L{connectors_proxy.ops.sdnotify.notify}).
     """
 
     clock: IReactorTime

@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from .tls_mint import load_pair
+from connectors_proxy.tls.mint import load_pair
 
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)

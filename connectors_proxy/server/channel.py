@@ -39,7 +39,7 @@ from twisted.web import http, server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from .accesslog import redact_target
+from connectors_proxy.server.accesslog import redact_target
 
 # How long, and how much, a refused request's unread body is drained before
 # the connection is cut.  Bounded: the proxy never swallows a large
@@ -174,7 +174,7 @@ class ProxyRequest(server.Request):
 
     channel: Any
     body: RequestBody | None = None
-    # The routed, authorized L{connectors_proxy.relay.Target}, set by the
+    # The routed, authorized L{connectors_proxy.upstream.relay.Target}, set by the
     # root resource before a protocol resource renders the request.
     target: Any = None
     _early = False

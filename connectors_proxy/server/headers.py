@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
-from .reflection import NO_SECRETS, Secrets, drop_reflected
+from connectors_proxy.upstream.reflection import NO_SECRETS, Secrets, drop_reflected
 
 # RFC 9110 section 7.6.1 connection-specific fields, plus the proxy's own
 # authentication fields, which are for this hop only.
@@ -80,7 +80,7 @@ def client_response_headers(upstream: Headers, secrets: Secrets = NO_SECRETS) ->
 
     The names the upstream's C{Connection} header nominates are dropped
     too, but Twisted's client keeps that header out of C{response.headers}:
-    L{connectors_proxy.relay} drops them before the response gets here.
+    L{connectors_proxy.upstream.relay} drops them before the response gets here.
     """
     out = _copy(upstream, _NOT_DOWNSTREAM)
     drop_reflected(out, secrets)

@@ -46,9 +46,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from connectors_proxy.interfaces import Identity
-from connectors_proxy.routing import host_connector
-from connectors_proxy.tls_mint import LEAF_LIFETIME, CertificateAuthority, Leaf, LeafCache, load_pair
+from connectors_proxy.auth.interfaces import Identity
+from connectors_proxy.server.routing import host_connector
+from connectors_proxy.tls.mint import LEAF_LIFETIME, CertificateAuthority, Leaf, LeafCache, load_pair
 
 log = Logger()
 

@@ -26,6 +26,14 @@ class Identity:
         return None
 
 
+class VerifierUnavailable(Exception):
+    """
+    An L{IIdentityVerifier} cannot answer right now (the API server is
+    away): the request gets a 503, and since that is expected during an
+    outage (which the verifier logs once), no traceback is logged per request.
+    """
+
+
 class IIdentityVerifier(Interface):
     """
     Decides who a client token belongs to, and whether that identity may use

@@ -17,234 +17,38 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from attrs import define, evolve, field, frozen
-from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
-    Agent,
-    HTTP11ClientProtocol,
-    HTTPConnectionPool,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
-    _StandardEndpointFactory,
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IBodyProducer, IResponse
 
-from .credentials import Credentials
-from .errors import ProxyError, bad_gateway, error_response
-from .headers import client_response_headers, rewrite_location, same_origin, upstream_request_headers
-from .interfaces import Identity
-from .objects import Connector, ConnectorClass
-from .reflection import DECODABLE, NO_SECRETS, Inflater, Masker, Secrets, secrets_for, textual
-from .routing import Route
-from .streaming import ProxyRequest
-from .tls import describe_tls_failure, tls_error
+from connectors_proxy.server.channel import ProxyRequest
+from connectors_proxy.server.errors import ProxyError, bad_gateway, error_response
+from connectors_proxy.server.headers import (
+    client_response_headers,
+    same_origin,
+    upstream_request_headers,
+)
+from connectors_proxy.server.routing import Route
+from connectors_proxy.tls.upstream import describe_tls_failure, tls_error
+from connectors_proxy.upstream.reflection import DECODABLE, NO_SECRETS, Inflater, Masker, Secrets, secrets_for, textual
+from connectors_proxy.upstream.target import Target
 
 log = Logger()
 
-# Idle upstream connections kept per host: enough that a burst of parallel
-# requests (50 wrk connections, 10 parallel layer pulls) reuses connections
-# instead of opening new ones each time.
-MAX_IDLE_PER_HOST = 64
-IDLE_TIMEOUT = 30
-CONNECT_TIMEOUT = 10.0
-# How much is read from a plain-TCP upstream at a time (Twisted's default: 64 KiB).
-UPSTREAM_READ_SIZE = 256 * 1024
 # Response bodies up to this size (with a Content-Length) are relayed
 # without backpressure bookkeeping: the most a slow client can pin is this.
 SMALL_BODY = 64 * 1024
-
-
-@frozen
-class Target:
-    """
-    Everything known about a request once it has been authenticated,
-    authorized and routed: the Connector, its class, the credentials to
-    inject, how the client addressed it, and the agent that reaches it.
-    """
-
-    connector: Connector
-    connector_class: ConnectorClass
-    identity: Identity
-    route: Route
-    credentials: Credentials | None = field(repr=False)
-    agent: IAgent = field(repr=False)
-    client_base: bytes
-    # For origins other than the Connector's (blob storage a registry
-    # redirects to): the Connector's CA is trusted, but its client
-    # certificate is not presented there.
-    foreign_agent: IAgent | None = field(default=None, repr=False)
-
-    @property
-    def label(self) -> str:
-        """How messages name the Connector: C{Connector NS/NAME}."""
-        return f"Connector {self.connector.ref}"
-
-    @property
-    def upstream_base(self) -> bytes:
-        return self.connector.address.encode("utf-8")
-
-    def for_url(self, url: bytes) -> Target:
-        """
-        This target for a request to C{url}: itself on the Connector's own
-        origin; elsewhere (a token realm, blob storage) without the
-        Connector's client certificate.
-        """
-        if self.foreign_agent is None or same_origin(url.decode("latin-1"), self.connector.address):
-            return self
-        return evolve(self, agent=self.foreign_agent)
-
-    def upstream_url(self, rest: bytes | None = None) -> bytes:
-        return self.upstream_base + (self.route.rest if rest is None else rest)
-
-    def to_client(self, url: bytes) -> bytes:
-        """Map an upstream URL (absolute or path) back to what the client uses."""
-        prefix = self.route.client_prefix
-        if self.route.oci_path:
-            # OCI path mode: upstream /v2/REPO... is /v2/namespaces/NS/connectors/NAME/REPO... for the
-            # client, so the prefix replaces the leading /v2.
-            mapped = rewrite_location(url, self.upstream_base, self.client_base, b"\0")
-            return mapped.replace(b"\0/v2", prefix, 1) if b"\0/v2" in mapped else mapped.replace(b"\0", b"", 1)
-        return rewrite_location(url, self.upstream_base, self.client_base, prefix)
-
-
-def client_base(request: ProxyRequest) -> bytes:
-    """C{scheme://host[:port]} as the client reached the proxy."""
-    scheme = b"https" if request.isSecure() else b"http"
-    host = request.getHeader(b"host")
-    if not host:
-        addr = request.getHost()
-        host = f"{addr.host}:{addr.port}".encode()
-    return scheme + b"://" + host
-
-
-@implementer(IAgentEndpointFactory)
-class _CachingEndpointFactory:
-    """
-    Agent builds a new endpoint for every request (parsing and
-    IDNA-encoding the host each time); endpoints are reusable, so keep one
-    per origin.  Bounded: redirects may name any host.
-    """
-
-    MAX = 1024
-
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
-        self._inner = _StandardEndpointFactory(reactor, policy, connect_timeout, None)
-        self._cache: dict[tuple[bytes, bytes, int], Any] = {}
-
-    def endpointForURI(self, uri: Any) -> Any:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._cache.get(key)
-        if endpoint is None:
-            if len(self._cache) >= self.MAX:
-                self._cache.clear()
-            endpoint = self._cache[key] = self._inner.endpointForURI(uri)
-        return endpoint
-
-
-def _drop_nominated(response: IResponse, parser: Any) -> IResponse:
-    """
-    Remove from C{response}'s headers those its C{Connection} header names
-    (RFC 9110 section 7.6.1: they are for this hop only, and an upstream
-    may mark anything so).  Twisted's client parser keeps C{Connection} in
-    its C{connHeaders}, out of C{response.headers}, and drops nothing.
-    """
-    for value in parser.connHeaders.getRawHeaders(b"connection", []):
-        for name in value.split(b","):
-            if name.strip():
-                response.headers.removeHeader(name.strip())
-    return response
-
-
-class _ClientProtocol(HTTP11ClientProtocol):
-    """
-    L{HTTP11ClientProtocol} that drops the response headers C{Connection}
-    nominates, and reads a plain-TCP upstream in bigger pieces.
-    """
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        # Each piece read costs the same Python work (client parser, relay,
-        # the masker's calls) whatever its size: reading 256 KiB instead of
-        # Twisted's 64 KiB takes a sixth off the CPU of a 1 GiB download
-        # (bench/masking.py), which pays for masking reflected credentials.
-        # FileDescriptor.bufferSize is also how much this connection buffers
-        # before pausing a request body's producer: one more read, bounded.
-        # A TLS upstream's plaintext comes in TLS records whatever this is.
-        if isinstance(self.transport, FileDescriptor):
-            self.transport.bufferSize = UPSTREAM_READ_SIZE
-
-    def request(self, request: Any) -> Deferred[IResponse]:
-        d: Deferred[IResponse] = super().request(request)
-        # Private Twisted name (HTTP11ClientProtocol._parser, the
-        # HTTPClientParser of this request, whose public connHeaders hold
-        # Connection): no public way to it.  tests.test_reflection's
-        # TwistedInternals fails if it goes.  Read when the response
-        # arrives, not now: a 1xx answer resets connHeaders.
-        parser = self._parser
-        if parser is not None:
-            d.addCallback(_drop_nominated, parser)
-        return d
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    # One "Starting factory" line per upstream connection is noise.
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> _ClientProtocol:
-        # Private Twisted name (_quiescentCallback: how the pool gets the
-        # connection back), as _HTTP11ClientFactory.buildProtocol uses it.
-        return _ClientProtocol(self._quiescentCallback)
-
-
-@define
-class Agents:
-    """
-    The upstream agents: one connection pool per TLS identity, so a
-    connection opened with one Connector's client certificate or CA is never
-    reused for another's.
-    """
-
-    reactor: IReactorTime
-    policy_for: Callable[[bytes | None, bytes | None, bytes | None], IPolicyForHTTPS]
-    _agents: dict[tuple[bytes | None, bytes | None, bytes | None], IAgent] = field(factory=dict)
-    _pools: list[HTTPConnectionPool] = field(factory=list)
-
-    def agent(self, ca_pem: bytes | None = None, cert_pem: bytes | None = None,
-              key_pem: bytes | None = None) -> IAgent:
-        key = (ca_pem, cert_pem, key_pem)
-        agent = self._agents.get(key)
-        if agent is None:
-            pool = HTTPConnectionPool(self.reactor, persistent=True)
-            pool._factory = _QuietClientFactory
-            pool.maxPersistentPerHost = MAX_IDLE_PER_HOST
-            pool.cachedConnectionTimeout = IDLE_TIMEOUT
-            self._pools.append(pool)
-            agent = Agent.usingEndpointFactory(
-                self.reactor, _CachingEndpointFactory(self.reactor, self.policy_for(ca_pem, cert_pem, key_pem),
-                                                      CONNECT_TIMEOUT), pool=pool)
-            self._agents[key] = agent
-        return agent
-
-    def idle_connections(self) -> int:
-        """Idle upstream connections kept for reuse, over all pools."""
-        # HTTPConnectionPool keeps them in _connections; Twisted has no
-        # public count.
-        return sum(len(idle) for pool in self._pools for idle in pool._connections.values())
-
-    def close(self) -> Deferred[list[Any]]:
-        return gatherResults([pool.closeCachedConnections() for pool in self._pools])
 
 
 def forwarded_headers(request: ProxyRequest, origin: bool = True,

@@ -20,8 +20,8 @@ from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from .interfaces import Identity, IIdentityVerifier
-from .objects import ObjectRef
+from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier
+from connectors_proxy.model.objects import ObjectRef
 
 PUBLIC_NAMESPACE = "kube-public"
 

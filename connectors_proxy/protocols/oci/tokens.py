@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from .oci_auth import IssuedToken, RegistryCredentials
+from connectors_proxy.protocols.oci.auth import IssuedToken, RegistryCredentials
 
 
 @frozen

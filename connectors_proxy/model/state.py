@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 from attrs import define, field, frozen
 
-from .objects import Connector, ConnectorClass, KubeObject, ObjectRef, Secret
+from connectors_proxy.model.objects import Connector, ConnectorClass, KubeObject, ObjectRef, Secret
 
 
 @frozen
