@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_resource -*-
+# -*- test-case-name: tests.test_memory_router,tests.test_hostile -*-
 """
 Where a request is routed and checked: the root resource.
 
@@ -28,27 +28,23 @@ from connectors_proxy.auth.identity import Presented, presented_token
 from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier, VerifierUnavailable
 from connectors_proxy.model.credentials import CredentialsUnavailable, resolve
 from connectors_proxy.model.objects import Connector, ObjectRef
+from connectors_proxy.model.protocols import DEFAULT as DEFAULT_PROTOCOL
 from connectors_proxy.model.state import Snapshot, Store
 from connectors_proxy.protocols import ProtocolResource
 from connectors_proxy.server import accesslog, errors, limits
 from connectors_proxy.server.channel import ProxyRequest
-from connectors_proxy.server.errors import OCI_PING_HEADERS
 from connectors_proxy.server.headers import same_origin
 from connectors_proxy.server.routing import BadTarget, Route, route
 from connectors_proxy.tls.serve import client_identity
 from connectors_proxy.upstream.agents import ConnectorAgents
-from connectors_proxy.upstream.relay import send_bytes, send_error
+from connectors_proxy.upstream.relay import send_error
 from connectors_proxy.upstream.target import Target, client_base
 
 log = Logger()
 
 
-def is_oci_path(rest: bytes) -> bool:
-    return rest == b"/v2" or rest.startswith(b"/v2/")
-
-
-def is_oci_ping(rest: bytes) -> bool:
-    return rest.split(b"?", 1)[0] in (b"/v2", b"/v2/")
+NAMES_NO_CONNECTOR = ("the request names no Connector: use host c-NAME.NAMESPACE.svc or path "
+                      "/namespaces/NAMESPACE/connectors/NAME/...")
 
 
 def forward_connector(route_: Route, listed: tuple[ObjectRef, ...],
@@ -97,32 +93,46 @@ class ConnectorsResource(Resource):
         return NOT_DONE_YET
 
     async def _serve(self, request: ProxyRequest, context: dict[str, str]) -> None:
-        oci = False
+        # Whose error format applies: text until the request is known to be
+        # another protocol's (by its path before routing, by its Connector's
+        # class after).
+        protocol = self.protocols[DEFAULT_PROTOCOL]
+        target: Target | None = None
         try:
             try:
                 r = route(request.uri, request.getHeader(b"host"), self.cluster_domain)
             except BadTarget as e:
                 raise errors.bad_request(str(e)) from None
-            oci = r.oci_path or is_oci_path(r.rest)
+            protocol = self._claimant(r)
             target = await self._resolve(request, r, context)
             if target is None:
-                # An OCI ping in path mode: no Connector, only authentication.
-                send_bytes(request, 200, OCI_PING_HEADERS, b"{}")
+                if not protocol.serve_unrouted(request, r):
+                    raise errors.not_found(NAMES_NO_CONNECTOR)
                 return
-            context["protocol"] = target.connector_class.protocol
-            request.target = target
-            resource = self.protocols.get(target.connector_class.protocol)
-            if resource is None:
-                raise errors.unavailable(f"protocol {target.connector_class.protocol!r} is not served here")
+            name = target.connector_class.protocol
+            context["protocol"] = name
+            served = self.protocols.get(name)
+            if served is None:
+                raise errors.unavailable(f"protocol {name!r} is not served here")
+            protocol = served
             if self.limiter is not None:
                 await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref),
                                    target.identity.username)
-            await resource.serve(request)
+            await protocol.serve(request, target)
+            return
         except errors.ProxyError as e:
-            send_error(request, e, oci)
+            error = e
         except Exception:
-            log.failure("routing {uri} failed", uri=accesslog.redact_target(request.uri))
-            send_error(request, errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)"), oci)
+            log.failure("serving {uri} failed", uri=accesslog.redact_target(request.uri))
+            error = errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)")
+        send_error(request, error.status, *protocol.error_response(request, error, target))
+
+    def _claimant(self, r: Route) -> ProtocolResource:
+        """The protocol whose clients send requests like C{r}'s (text/REST when none claims it)."""
+        for resource in self.protocols.values():
+            if resource.claims(r):
+                return resource
+        return self.protocols[DEFAULT_PROTOCOL]
 
     async def _authenticate(self, request: ProxyRequest) -> tuple[Identity, Presented | None]:
         # A client certificate verified by a cptls listener with clientCA=
@@ -149,6 +159,7 @@ class ConnectorsResource(Resource):
         return identity, presented
 
     async def _resolve(self, request: ProxyRequest, r: Route, context: dict[str, str]) -> Target | None:
+        """The routed target of C{request}, or C{None} when it names no Connector."""
         identity, presented = await self._authenticate(request)
         context["identity"] = identity.username
 
@@ -163,13 +174,9 @@ class ConnectorsResource(Resource):
                     "this proxy only forwards to Connectors"
                 )
             ref, r = found
-        elif is_oci_ping(r.rest):
-            return None
         else:
-            raise errors.not_found(
-                "the request names no Connector: use host c-NAME.NAMESPACE.svc or path "
-                "/namespaces/NAMESPACE/connectors/NAME/..."
-            )
+            # No Connector named: a protocol may still answer (the OCI ping).
+            return None
         context["namespace"], context["connector"] = ref.namespace, ref.name
 
         try:
@@ -221,10 +228,12 @@ class ConnectorsResource(Resource):
             protocol=context.get("protocol", "-"),
             method=request.method.decode("latin-1"),
             path=accesslog.redact_target(request.uri),
-            status=request.code if not isinstance(result, Failure) or request.startedWriting else 499,
+            status=accesslog.status_of(request.code, isinstance(result, Failure), bool(request.startedWriting),
+                                       request.fault),
             bytes_in=request.body.received if request.body is not None else 0,
             bytes_out=request.sentLength,
             duration_ms=round((time.monotonic() - started) * 1000, 2),
+            fault=request.fault,
         )
         accesslog.emit(record)
         for observer in self.observers:

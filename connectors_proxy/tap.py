@@ -9,6 +9,7 @@ line on stderr with a non-zero exit, before anything listens.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -18,16 +19,15 @@ from twisted.application.service import IServiceCollection
 from twisted.application.strports import service as strport_service
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.reflect import namedAny
 
 from connectors_proxy.auth.interfaces import IIdentityVerifier
+from connectors_proxy.model.protocols import PROTOCOLS
 from connectors_proxy.model.state import Store
 from connectors_proxy.ops import drain, logformat, sdnotify
 from connectors_proxy.ops.admin import admin_resource
 from connectors_proxy.ops.metrics import ProxyMetrics
 from connectors_proxy.protocols import ProtocolResource
-from connectors_proxy.protocols.git import GitResource
-from connectors_proxy.protocols.oci.resource import OciResource
-from connectors_proxy.protocols.rest import RestResource
 from connectors_proxy.router import ConnectorsResource
 from connectors_proxy.server import limits
 from connectors_proxy.server.channel import ProxySite
@@ -35,6 +35,7 @@ from connectors_proxy.sources.manifests import ManifestError, ManifestSource
 from connectors_proxy.tls.serve import TLSServerEndpoint
 from connectors_proxy.tls.upstream import upstream_policy
 from connectors_proxy.upstream.agents import Agents, ConnectorAgents
+from connectors_proxy.upstream.timeouts import UpstreamTimeouts
 
 log = Logger()
 
@@ -75,6 +76,10 @@ class Options(usage.Options):
         ["token-audience", None, None, "Cluster mode: audiences TokenReview checks (comma-separated)."],
         ["lease-namespace", None, None, "Cluster mode: namespace of the leader-election Lease."],
         ["idle-timeout", None, "60", "Seconds an idle client connection is kept."],
+        ["upstream-timeout", None, "60", "Seconds an upstream may take to send its response headers "
+                                         "(after the request body); then 504 (0: no limit)."],
+        ["upstream-idle-timeout", None, "60", "Seconds without a byte in the middle of an upstream "
+                                              "response body before it is cut (0: no limit)."],
         ["drain-timeout", None, "30", "On SIGTERM, seconds requests in flight may take to finish before exit."],
         ["max-concurrent-per-connector", None, str(limits.DEFAULT_MAX_ACTIVE),
          "Requests in progress to one Connector's upstream at a time (0: no limit)."],
@@ -123,7 +128,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--log-level must be one of {', '.join(logformat.LEVELS)}")
         for option, endpoint in [("--listen", e) for e in self["listen"]] + [("--admin", self["admin"])]:
             check_endpoint(option, endpoint)
-        for name in ("review-cache-seconds", "review-stale-seconds", "idle-timeout", "drain-timeout", "queue-timeout"):
+        for name in ("review-cache-seconds", "review-stale-seconds", "idle-timeout", "drain-timeout", "queue-timeout",
+                     "upstream-timeout", "upstream-idle-timeout"):
             try:
                 self[name] = float(self[name])
             except ValueError:
@@ -189,26 +195,24 @@ class ProxyService(drain.DrainingService):
 
 
 def protocol_resources(reactor: Any) -> dict[str, ProtocolResource]:
-    """The resource that serves each ConnectorClass protocol."""
-    return {
-        "http": RestResource(),
-        "git": GitResource(),
-        "oci": OciResource(reactor),
-    }
+    """The resource that serves each ConnectorClass protocol, from the registry (in its order)."""
+    return {protocol.name: namedAny(protocol.resource)(reactor) for protocol in PROTOCOLS}
 
 
 def proxy_site(store: Store, verifier: IIdentityVerifier, reactor: Any, cluster_domain: str = "cluster.local",
                idle_timeout: float = 60.0, limiter: limits.ConcurrencyLimiter | None = None,
-               agents: Agents | None = None,
+               agents: Agents | None = None, upstream_timeouts: UpstreamTimeouts | None = None,
                ) -> tuple[ProxySite, ConnectorsResource, Agents]:
     """
     The proxy's site, as the daemon and the integration tests build it.
 
     @param agents: the upstream agents (default: real ones on C{reactor};
         the in-memory tests pass agents that reach resources in memory).
+    @param upstream_timeouts: for the default agents (C{--upstream-timeout},
+        C{--upstream-idle-timeout}).
     """
     if agents is None:
-        agents = Agents(reactor, upstream_policy)
+        agents = Agents(reactor, upstream_policy, timeouts=upstream_timeouts or UpstreamTimeouts())
     root = ConnectorsResource(store=store, verifier=verifier, agents=ConnectorAgents(agents),
                               protocols=protocol_resources(reactor), cluster_domain=cluster_domain,
                               limiter=limiter)
@@ -244,6 +248,7 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
         assert source.tokens is not None  # load_now read the token file
         store, verifier = source.store, source.tokens
         source.on_reload.append(lambda ok: metrics.reload("manifests", ok))
+        source.on_tokens_reload.append(lambda ok: metrics.reload("tokens", ok))
         metrics.track_source("manifests", lambda: source.last_success)
         reloader.add("manifests and tokens", source.poll)
         if options["examples"]:
@@ -270,7 +275,8 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
     limiter = limits.ConcurrencyLimiter(reactor, options["max-concurrent-per-connector"],
                                         options["queue-per-connector"], options["queue-timeout"])
     site, root, agents = proxy_site(store, verifier, reactor, options["cluster-domain"], options["idle-timeout"],
-                                    limiter)
+                                    limiter, upstream_timeouts=UpstreamTimeouts(options["upstream-timeout"],
+                                                                                options["upstream-idle-timeout"]))
     drainer = drain.Drainer(reactor, options["drain-timeout"], sites=[site], notify=sdnotify.notify)
     top.drainer = drainer
     for endpoint in options["listen"]:
@@ -289,10 +295,8 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
             served.known = lambda ns, name: store.snapshot.connector(ns, name) is not None
             # Its reload is the one reloadable_tls returned above: added once.
     root.observers.append(metrics.observe)
-    oci = root.protocols.get("oci")
-    if isinstance(oci, OciResource):
-        oci.tokens.on_hit = metrics.token_cache_hit
-        oci.tokens.on_request = metrics.token_request
+    for resource in root.protocols.values():
+        resource.report_to(metrics)
     metrics.track_site(site)
     metrics.track_agents(agents)
     metrics.track_limiter(limiter)
@@ -313,4 +317,11 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
 
 
 def makeService(options: Options) -> ProxyService:
-    return make_service(options, signals=True)
+    service = make_service(options, signals=True)
+    # What is loaded by now (modules, the first objects) lives as long as the
+    # process: keep it out of the cycle collector's full passes, which hold
+    # the GIL (and so every request) for tens of milliseconds when a reload
+    # adds thousands of objects.
+    gc.collect()
+    gc.freeze()
+    return service

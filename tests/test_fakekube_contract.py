@@ -1137,7 +1137,7 @@ class FakeSemanticsTests(SynchronousTestCase):
         self.assertNotIn("status", stored)
         self.assertEqual(stored["spec"]["params"], [{"name": "p", "value": {"free": ["form"]}}])
         bad = connector("bad")
-        bad["spec"] = {"address": 5}
+        bad["spec"] = {"address": 5, "connectorClassName": 7}
         e = self.error(self.fake.create_object, self.rtype("connectors"), "default", bad)
         self.assertEqual(e.code, 422)
         self.assertEqual(sorted(c["field"] for c in e.details["causes"]),  # type: ignore[index]
@@ -1301,11 +1301,12 @@ class FakeSemanticsTests(SynchronousTestCase):
         self.assertEqual(self.fake.object("connectorclasses", None, "git"), stored)
 
     def test_example_manifests_are_accepted(self) -> None:
-        """The objects shipped in k8s/ (classes, example Connector and Secret) pass the fake's validation."""
-        docs = [d for d in read_manifests([ROOT / "k8s"])
+        """The objects shipped in k8s/ (classes, the upstream classes of k8s/classes/, example Connector
+        and Secret) pass the fake's validation."""
+        docs = [d for d in read_manifests([ROOT / "k8s", ROOT / "k8s" / "classes"])
                 if isinstance(d, dict) and d.get("kind") in ("ConnectorClass", "Connector", "Secret")]
         self.assertEqual(len(self.fake.apply(*docs)), len(docs))
-        self.assertEqual(len(docs), 5)
+        self.assertEqual(len(docs), 15)
 
 
 class PureHelperTests(SynchronousTestCase):

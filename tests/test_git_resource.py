@@ -152,6 +152,6 @@ class LFSBatchCornerCaseTests(TestCase):
             self.patch(relay, "send", broken)
             code, headers, body = await self._batch(proxy, token)
             self.assertEqual(code, 500)
-            self.assertEqual(json.loads(body), {"message": "connectors-proxy: internal error (see the proxy's log)"})
+            self.assertEqual(json.loads(body), {"message": "connectors-proxy: Connector dev/repo: internal error (see the proxy's log)"})
             self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         return Deferred.fromCoroutine(go())

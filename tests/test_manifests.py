@@ -10,9 +10,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from connectors_proxy.model.objects import InvalidObject, ObjectRef, parse_object
 from connectors_proxy.model.state import Store
 from connectors_proxy.ops.logformat import json_line, text_line
+from connectors_proxy.protocols.oci.resource import error_body
 from connectors_proxy.server.accesslog import redact_target
-from connectors_proxy.server.errors import ProxyError, error_response
-from connectors_proxy.sources.manifests import ManifestError, ManifestSource, load, manifest_files, parse_documents
+from connectors_proxy.server.errors import ProxyError, text_response
+from connectors_proxy.sources.manifests import (
+    SETTLE_SECONDS,
+    ManifestError,
+    ManifestSource,
+    load,
+    manifest_files,
+    parse_documents,
+    split_documents,
+)
 
 GOOD = """\
 apiVersion: connectors.alauda.io/v1alpha1
@@ -122,6 +131,8 @@ class Reload(SynchronousTestCase):
         self.assertIs(self.store.snapshot, first)  # unchanged: no new snapshot
         self.write(GOOD.replace("stringData: {password: pw}", "stringData: {password: rotated}"))
         self.clock.advance(1)
+        self.assertIs(self.store.snapshot, first)  # changed: read again once settled
+        self.clock.advance(SETTLE_SECONDS)
         self.assertEqual(self.store.snapshot.secrets[ObjectRef("team", "gl")].data["password"], b"rotated")
         self.assertEqual(self.source.reloads, 1)
 
@@ -134,6 +145,86 @@ class Reload(SynchronousTestCase):
         errors = [e for e in self.events if e.get("log_level") and e["log_level"].name == "error"]
         self.assertEqual(len(errors), 1)  # said once, not every second
         self.assertIn("Connector team/gitlab: spec.address", errors[0]["error"])
+
+    def test_file_written_in_steps_is_loaded_once_settled(self) -> None:
+        # A writer that truncates and writes in two steps: the first half is
+        # valid YAML on its own, without the Secret.
+        good = self.store.snapshot
+        cut = GOOD.index("---\napiVersion: v1\nkind: Secret")
+        rotated = GOOD.replace("stringData: {password: pw}", "stringData: {password: rotated}")
+        self.write(rotated[:cut])
+        self.clock.advance(1)
+        self.clock.advance(SETTLE_SECONDS / 2)
+        self.write(rotated)
+        self.clock.advance(SETTLE_SECONDS / 2)  # differs from the first look: not settled
+        self.assertIs(self.store.snapshot, good)
+        self.clock.advance(SETTLE_SECONDS)
+        self.assertEqual(self.store.snapshot.secrets[ObjectRef("team", "gl")].data["password"], b"rotated")
+        self.assertEqual(self.source.reloads, 1)  # never the half
+
+    def test_sighup_loads_at_once(self) -> None:
+        self.write(GOOD.replace("stringData: {password: pw}", "stringData: {password: rotated}"))
+        self.successResultOf(self.source.poll())
+        self.assertEqual(self.store.snapshot.secrets[ObjectRef("team", "gl")].data["password"], b"rotated")
+
+    def test_only_changed_documents_are_parsed(self) -> None:
+        parsed = self.source.parser.parsed
+        self.write(GOOD.replace("stringData: {password: pw}", "stringData: {password: rotated}"))
+        self.successResultOf(self.source.poll())
+        self.assertEqual(self.source.parser.parsed, parsed + 1)
+        # The objects of unchanged documents are the same values.
+        before = self.store.snapshot
+        self.write(GOOD)
+        self.successResultOf(self.source.poll())
+        self.assertIs(self.store.snapshot.connectors[ObjectRef("team", "gitlab")],
+                      before.connectors[ObjectRef("team", "gitlab")])
+
+    def test_errors_name_the_line_in_the_file(self) -> None:
+        self.write(GOOD + "---\nkind: Secret\nmetadata: {name: x\n")
+        self.source.poll()
+        [error] = [e for e in self.events if e.get("log_level") and e["log_level"].name == "error"]
+        broken = (GOOD + "---\nkind: Secret\nmetadata: {name: x\n").count("\n") + 1
+        self.assertIn(f"line {broken}:", error["error"])
+        with self.assertRaises(ManifestError) as e:
+            load([self.path])
+        self.assertIn(f"line {broken}:", str(e.exception))
+
+    def test_tokens_reload_reported(self) -> None:
+        folder = os.path.dirname(self.path)
+        tokens = os.path.join(folder, "tokens.csv")
+        with open(tokens, "w") as f:
+            f.write("t1,system:serviceaccount:team:a\n")
+        source = ManifestSource(self.clock, [self.path], Store(), tokens_path=tokens)
+        source.load_now()
+        results: list[bool] = []
+        manifests: list[bool] = []
+        source.on_tokens_reload.append(results.append)
+        source.on_reload.append(manifests.append)
+        with open(tokens, "w") as f:
+            f.write("t2,system:serviceaccount:team:b\n")
+        self.successResultOf(source.poll())
+        with open(tokens, "w") as f:
+            f.write("bad\n")
+        self.successResultOf(source.poll())
+        self.successResultOf(source.poll())  # reported once
+        self.assertEqual((results, manifests), ([True, False], []))
+        assert source.tokens is not None
+        self.assertEqual(len(source.tokens.table), 1)
+
+
+class SplitDocuments(SynchronousTestCase):
+    def test_pieces_parse_like_the_whole(self) -> None:
+        pieces = split_documents(GOOD)
+        self.assertEqual([line for line, _ in pieces], [1, 9, 18, 25])
+        self.assertEqual("".join(piece for _, piece in pieces), GOOD)
+        whole = parse_documents(GOOD, "f")
+        self.assertEqual([o for _, p in pieces for o in parse_documents(p, "f")], whole)
+
+    def test_markers(self) -> None:
+        text = "a: 1\n--- # c\nb: |\n  ---\n  x\n---\n...\n"
+        self.assertEqual(len(split_documents(text)), 3)
+        self.assertEqual(split_documents("%YAML 1.1\n---\na: 1\n---\nb: 2\n"),
+                         [(1, "%YAML 1.1\n---\na: 1\n---\nb: 2\n")])
 
 
 class LogsAndErrors(SynchronousTestCase):
@@ -154,9 +245,9 @@ class LogsAndErrors(SynchronousTestCase):
         self.assertIn("x done", text_line(event))
 
     def test_error_bodies(self) -> None:
-        headers, body = error_response(ProxyError(401, "UNAUTHORIZED", "no token"), oci=True)
+        headers, body = error_body(ProxyError(401, "UNAUTHORIZED", "no token"))
         self.assertEqual(json.loads(body), {"errors": [{"code": "UNAUTHORIZED", "message": "no token"}]})
         self.assertEqual(headers.getRawHeaders(b"www-authenticate"), [b'Basic realm="connectors-proxy"'])
-        headers, body = error_response(ProxyError(404, "NAME_UNKNOWN", "Connector a/b not found"), oci=False)
+        headers, body = text_response(ProxyError(404, "NAME_UNKNOWN", "Connector a/b not found"))
         self.assertEqual(body, b"connectors-proxy: Connector a/b not found\n")
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])

@@ -167,7 +167,6 @@ class LocationTests(RelayTestCase):
         self.assertEqual(response.header(b"link"),
                          [b'<http://proxy.local:8080/namespaces/default/connectors/api/paged?page=2>; rel="next"'])
 
-    test_link.todo = "relay.response_headers maps Location only; Link is mapped for OCI alone"  # type: ignore[attr-defined]
 
 
 class HopByHopTests(RelayTestCase):

@@ -337,8 +337,6 @@ class ErrorBodyTests(RouterTestCase):
         self.assertEqual(response.header(b"content-type"), [LFS_JSON])
         self.assertEqual(response.header(b"lfs-authenticate"), [REALM])
 
-    test_lfs_json_from_the_router.todo = (  # type: ignore[attr-defined]
-        "the root resource picks text or OCI JSON itself; git's LFS error policy only applies inside GitResource")
 
     def test_oci_json(self) -> None:
         """Registry clients get C{{"errors": [...]}} for the router's refusals too."""

@@ -284,7 +284,7 @@ class ScrapeAfterTrafficTests(TestCase):
             limiter = ConcurrencyLimiter(reactor, max_active=10, max_queue=10)
             proxy.root.limiter = limiter
             metrics.track_limiter(limiter)
-            metrics.track_agents(proxy.root.agents)
+            metrics.track_agents(proxy.root.agents.agents)
             admin = reactor.listenTCP(0, Site(admin_resource(lambda: None, metrics.resource())),
                                       interface="127.0.0.1")
             self.addCleanup(admin.stopListening)

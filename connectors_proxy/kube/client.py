@@ -27,11 +27,12 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, readBody
+from twisted.web.client import Agent, ResponseDone, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import Attribute, Interface, implementer
 
+from connectors_proxy.compat import HTTPConnectionPoolCompat
 from connectors_proxy.kube.config import KubeConfig, TokenSource
 from connectors_proxy.tls.upstream import certificates
 
@@ -255,18 +256,18 @@ class KubeTLSPolicy:
         return ssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=client_cert)
 
 
-class _Pool(HTTPConnectionPool):
+class _Pool(HTTPConnectionPoolCompat):
     """A connection pool that, once closed, keeps no connection that comes back to it."""
 
     closed = False
 
-    def _putConnection(self, key: Any, connection: Any) -> None:
+    def keep_connection(self, key: Any, connection: Any) -> None:
         if self.closed:
             # A request that was in flight at shutdown: do not park its
             # connection (with a 4-minute timer) in a pool nobody uses.
             connection.transport.loseConnection()
             return
-        super()._putConnection(key, connection)
+        super().keep_connection(key, connection)
 
 
 @implementer(IWatch)

@@ -34,6 +34,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from connectors_proxy import compat
+
 log = Logger()
 
 DEFAULT_TIMEOUT = 30.0
@@ -128,6 +130,9 @@ class Drainer:
             now = self.clock.seconds()
             if self._aborted or now >= deadline:
                 for channel in busy:
+                    for request in channel.requests:
+                        # The access line says the drain cut it, not the client.
+                        request.fault = "drain"
                     if channel.transport is not None:
                         channel.transport.abortConnection()
                 log.warn("drain {why}: cut {count} connections with requests in flight",
@@ -304,10 +309,10 @@ def reloadable_tls(service: Any, description: str, reactor: Any) -> Any:
         return None
 
     def load() -> Any:
-        return serverFromString(reactor, description)._sslContextFactory  # type: ignore[attr-defined]
+        return compat.tls_context_factory(serverFromString(reactor, description))
 
-    # SSL4ServerEndpoint hands _sslContextFactory to listenSSL when it
+    # SSL4ServerEndpoint hands its context factory to listenSSL when it
     # listens; there is no public way to replace it afterwards.
-    wrapper = ReloadableServerTLS(endpoint._sslContextFactory, load)
-    endpoint._sslContextFactory = wrapper
+    wrapper = ReloadableServerTLS(compat.tls_context_factory(endpoint), load)
+    compat.set_tls_context_factory(endpoint, wrapper)
     return wrapper

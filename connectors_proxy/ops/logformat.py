@@ -69,6 +69,9 @@ def json_line(event: Mapping[str, Any]) -> str:
         out["event"] = "access"
         for name in ACCESS_FIELDS:
             out[name] = event.get(name)
+        if event.get("fault"):
+            # Only on requests the proxy or the upstream cut (timeouts, drain).
+            out["fault"] = event["fault"]
     elif isinstance(event.get("event"), str):
         # Operational events (drain, reload, signal) name themselves with
         # "event" and carry their own plain fields.

@@ -100,12 +100,12 @@ class ProxyMetrics:
 
     def observe(self, request: Any, record: AccessRecord) -> None:
         """Count one finished request (a C{ConnectorsResource} observer)."""
-        target = getattr(request, "target", None)
-        if target is None:
+        if record.protocol == NONE:
+            # Not routed to an existing Connector (refused first, or unknown):
+            # names a client made up must not become label values.
             namespace = connector = protocol = NONE
         else:
-            namespace, connector = target.connector.namespace, target.connector.name
-            protocol = record.protocol
+            namespace, connector, protocol = record.namespace, record.connector, record.protocol
         key = (namespace, connector, protocol, record.status)
         children = self._children.get(key)
         if children is None:

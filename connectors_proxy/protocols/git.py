@@ -30,7 +30,6 @@ the client sent them.  What this module adds to the plain relay:
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import re
@@ -40,20 +39,21 @@ import zlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import urlsplit
 
 from attrs import define, field, frozen
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from connectors_proxy.model.credentials import BasicCredentials, Credentials
+from connectors_proxy.model.credentials import Credentials
 from connectors_proxy.protocols import ProtocolResource, naming_connector
 from connectors_proxy.server import errors
-from connectors_proxy.server.accesslog import redact_target
 from connectors_proxy.server.channel import ProxyRequest
 from connectors_proxy.server.errors import ProxyError, bad_gateway, not_found
 from connectors_proxy.server.headers import same_origin
+from connectors_proxy.server.routing import Route
 from connectors_proxy.upstream import relay
+from connectors_proxy.upstream.reflection import secrets_for
 from connectors_proxy.upstream.target import Target
 
 log = Logger()
@@ -252,29 +252,14 @@ def action_lifetime(action: dict[str, Any], now: float | None) -> float:
 
 def secret_markers(credentials: Credentials | None) -> tuple[str, ...]:
     """
-    What betrays the Connector's secret in an LFS action: the secret
-    itself (raw and URL-encoded), the C{Authorization} value the proxy
-    injects, and the secret's base64 at every alignment (so it is found
-    inside any Basic credential the server builds around it).
+    What betrays the Connector's secret in an LFS action, as text (the
+    batch answer is decoded JSON): every form L{secrets_for} knows (raw,
+    URL-encoded, the injected header value, base64 at every alignment).
     """
-    if credentials is None:
-        return ()
-    markers = []
-    if isinstance(credentials, BasicCredentials):
-        secret = credentials.password
-        markers.append(credentials.authorization().decode("latin-1").split(" ", 1)[1])
-    else:
-        secret = credentials.token
-    if not secret:
-        return tuple(markers)
-    markers += [secret, quote(secret, safe=""), quote_plus(secret)]
-    for pad in range(3):
-        encoded = base64.b64encode(b"x" * pad + secret.encode("utf-8")).decode("ascii")
-        # The first group holds the padding bytes, the last may hold padding.
-        core = encoded[(4 if pad else 0):-4]
-        if len(core) >= 8:
-            markers.append(core)
-    return tuple(dict.fromkeys(m for m in markers if m))
+    # Longest first: a form that holds another (the Basic value holds the
+    # password's base64) is masked whole.
+    forms = dict.fromkeys(n.decode("utf-8", "replace") for n in secrets_for(credentials).everywhere)
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 @frozen
@@ -316,6 +301,11 @@ def _query_param(query: bytes, name: bytes) -> bytes | None:
     return None
 
 
+def _is_lfs_path(rest: bytes) -> bool:
+    path = rest.split(b"?", 1)[0]
+    return b"/info/lfs/" in path or path.startswith(b"info/lfs/")
+
+
 def classify(method: bytes, rest: bytes) -> GitRequest:
     """
     Classify a request by its method and upstream path and query (the part
@@ -324,7 +314,7 @@ def classify(method: bytes, rest: bytes) -> GitRequest:
     authorization (fetch vs push) later.
     """
     path, _, query = rest.partition(b"?")
-    if b"/info/lfs/" in path or path.startswith(b"info/lfs/"):
+    if _is_lfs_path(path):
         if path.endswith(b"/" + RELAY_PATH) or path == RELAY_PATH:
             return GitRequest("lfs-relay")
         if method == b"POST" and path.endswith(b"/info/lfs/objects/batch"):
@@ -533,7 +523,7 @@ def upstream_refused(target: Target) -> ProxyError:
 def error_response(error: ProxyError, lfs: bool) -> tuple[Headers, bytes]:
     """The response for C{error}: LFS JSON for git-lfs, C{text/plain} for git."""
     if not lfs:
-        return errors.error_response(error, oci=False)
+        return errors.text_response(error)
     headers = Headers()
     body = json.dumps({"message": f"connectors-proxy: {error.message}"}).encode() + b"\n"
     headers.setRawHeaders(b"Content-Type", [LFS_MEDIA_TYPE])
@@ -541,15 +531,6 @@ def error_response(error: ProxyError, lfs: bool) -> tuple[Headers, bytes]:
         headers.setRawHeaders(b"LFS-Authenticate", [errors.REALM_CHALLENGE])
         headers.setRawHeaders(b"WWW-Authenticate", [errors.REALM_CHALLENGE])
     return headers, body
-
-
-def send_error(request: ProxyRequest, error: ProxyError, lfs: bool) -> None:
-    """Answer with C{error} (or cut the connection if the response has started)."""
-    if not lfs or request.startedWriting or request.finished or request._disconnected:
-        relay.send_error(request, error, oci=False)
-        return
-    headers, body = error_response(error, lfs=True)
-    relay.send_bytes(request, error.status, headers, body)
 
 
 def _relay_url(target: Target, token: str) -> str:
@@ -587,8 +568,7 @@ async def _relay_lfs_batch(request: ProxyRequest, target: Target, relays: LFSRel
         # An error document: no actions to rewrite, but it may quote the
         # request's credentials back.
         if not out.hasHeader(b"content-encoding"):
-            for marker in markers:
-                body = body.replace(marker.encode("utf-8"), b"*" * len(marker.encode("utf-8")))
+            body = secrets_for(target.credentials).mask(body)
         relay.send_bytes(request, response.code, out, body)
         return
     try:
@@ -640,7 +620,8 @@ async def _relay_lfs_transfer(request: ProxyRequest, target: Target, relays: LFS
         await relay.discard(response)
         raise bad_gateway(f"the Git LFS server of {target.label} refused the transfer credentials it gave "
                           "in its batch answer: run git lfs again")
-    await relay.stream_response(request, response, relay.response_headers(upstream, response))
+    await relay.stream_response(request, response, relay.response_headers(upstream, response),
+                                secrets_for(upstream.credentials))
 
 
 class GitResource(ProtocolResource):
@@ -658,27 +639,31 @@ class GitResource(ProtocolResource):
         super().__init__()
         self.relays = relays if relays is not None else LFSRelays(clock or _WallClock())
 
-    async def serve(self, request: ProxyRequest) -> None:
-        """Relay one Git (or Git LFS) request to the Connector of C{request.target}."""
-        target: Target = request.target
+    def claims(self, route: Route) -> bool:
+        # git-lfs shows only LFS JSON errors: the router's own refusals on
+        # LFS paths must be in that form too.
+        return _is_lfs_path(route.rest)
+
+    async def serve(self, request: ProxyRequest, target: Target) -> None:
+        """Relay one Git (or Git LFS) request to C{target}."""
         kind = classify(request.method, target.route.rest)
-        try:
-            if kind.kind == "lfs-batch":
-                await _relay_lfs_batch(request, target, self.relays)
-                return
-            if kind.kind == "lfs-relay":
-                await _relay_lfs_transfer(request, target, self.relays)
-                return
-            response = await relay.send(target, request.method, target.upstream_url(),
-                                        relay.request_headers(request, target), request.body, request)
-            if response.code == 401:
-                await relay.discard(response)
-                raise upstream_refused(target)
-            await relay.stream_response(request, response, relay.response_headers(target, response))
-        except ProxyError as e:
-            send_error(request, naming_connector(e, target), kind.is_lfs)
-        except Exception:
-            # A bug, not the client's or the server's doing: log it, and answer
-            # rather than leave git waiting for the idle timeout.
-            log.failure("git request {uri} failed", uri=redact_target(request.uri))
-            send_error(request, ProxyError(500, "INTERNAL", "internal error (see the proxy's log)"), kind.is_lfs)
+        if kind.kind == "lfs-batch":
+            await _relay_lfs_batch(request, target, self.relays)
+            return
+        if kind.kind == "lfs-relay":
+            await _relay_lfs_transfer(request, target, self.relays)
+            return
+        response = await relay.send(target, request.method, target.upstream_url(),
+                                    relay.request_headers(request, target), request.body, request)
+        if response.code == 401:
+            await relay.discard(response)
+            raise upstream_refused(target)
+        await relay.stream_response(request, response, relay.response_headers(target, response),
+                                    secrets_for(target.credentials))
+
+    def error_response(self, request: ProxyRequest, error: ProxyError,
+                       target: Target | None) -> tuple[Headers, bytes]:
+        """Errors name the Connector; LFS JSON on LFS paths, C{text/plain} elsewhere (git prints it)."""
+        if target is None:
+            return error_response(error, _is_lfs_path(request.uri))
+        return error_response(naming_connector(error, target), classify(request.method, target.route.rest).is_lfs)

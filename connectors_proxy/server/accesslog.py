@@ -63,6 +63,29 @@ class AccessRecord:
     bytes_in: int
     bytes_out: int
     duration_ms: float
+    # Set when the proxy ended the request itself (see L{FAULT_STATUS}).
+    fault: str | None = None
+
+
+# Why the proxy may end a request itself, and the status logged for it
+# when no response had started: the client did not go away (499), the
+# proxy or the upstream cut it.
+FAULT_STATUS = {
+    "upstream-timeout": 504,
+    "upstream-idle-timeout": 504,
+    "drain": 503,
+}
+
+
+def status_of(code: int, failed: bool, started: bool, fault: str | None) -> int:
+    """
+    The status an access line shows: the response's, or for a request that
+    ended before any response (C{failed} and not C{started}), 499 (the
+    client went away) unless the proxy cut it for a C{fault}.
+    """
+    if not failed or started:
+        return code
+    return FAULT_STATUS.get(fault or "", 499)
 
 
 _FIELDS = tuple(a.name for a in AccessRecord.__attrs_attrs__)  # type: ignore[attr-defined]
@@ -72,4 +95,7 @@ def emit(record: AccessRecord) -> None:
     fields = {name: getattr(record, name) for name in _FIELDS}
     # Formatted here once with str.format (C code); the observers use it
     # instead of twisted.logger's pure-Python formatter.
-    log.info(ACCESS_FORMAT, access=True, access_text=ACCESS_FORMAT.format(**fields), **fields)
+    text = ACCESS_FORMAT.format(**fields)
+    if record.fault:
+        text += f" fault={record.fault}"
+    log.info(ACCESS_FORMAT, access=True, access_text=text, **fields)

@@ -39,6 +39,7 @@ from twisted.web import http, server
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from connectors_proxy import compat
 from connectors_proxy.server.accesslog import redact_target
 
 # How long, and how much, a refused request's unread body is drained before
@@ -66,26 +67,6 @@ _CONTROL_CHARACTERS = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 # doubles, 64-bit overflow) would read a different size than Twisted's
 # unbounded int does, and no real body is that large.
 MAX_CHUNK_SIZE = 2**53
-
-
-class _BoundedChunkedDecoder(http._ChunkedTransferDecoder):
-    """
-    Twisted's chunked decoder, refusing chunk sizes over L{MAX_CHUNK_SIZE}
-    before any byte of such a chunk is delivered.
-
-    Private Twisted names (C{_ChunkedTransferDecoder}, its
-    C{_dataReceived_CHUNK_LENGTH} step, C{_MalformedChunkedDataError}, which
-    L{http.HTTPChannel} answers with a 400): Twisted offers no public hook
-    for a chunk size limit.
-    """
-
-    length: int
-
-    def _dataReceived_CHUNK_LENGTH(self) -> bool:
-        read = super()._dataReceived_CHUNK_LENGTH()
-        if read and self.length > MAX_CHUNK_SIZE:
-            raise http._MalformedChunkedDataError("Chunk size is over 2^53.")
-        return read
 
 
 @implementer(IBodyProducer)
@@ -174,9 +155,12 @@ class ProxyRequest(server.Request):
 
     channel: Any
     body: RequestBody | None = None
-    # The routed, authorized L{connectors_proxy.upstream.relay.Target}, set by the
-    # root resource before a protocol resource renders the request.
-    target: Any = None
+    # Why the proxy ended this request itself, when it did (an upstream
+    # timeout, a drain): the access log's "fault" field, so the log does not
+    # blame the client.
+    fault: str | None = None
+    # Twisted's Request has a logger of its own, but under a private name.
+    _log = Logger()
     _early = False
     _expect_continue = False
     _continue_sent = False
@@ -328,8 +312,12 @@ class _EmptyContent:
 _EMPTY = _EmptyContent()
 
 
-class ProxyChannel(http.HTTPChannel):
-    """L{HTTPChannel} with early dispatch and a stricter, politer parser."""
+class ProxyChannel(compat.HTTPChannelCompat):
+    """
+    L{HTTPChannel} with early dispatch and a stricter, politer parser
+    (Twisted's parser state read through the public names of
+    L{compat.HTTPChannelCompat}).
+    """
 
     # Twisted types these as ITransport | None and leaves site untyped; the
     # channel only runs connected, over TCP or TLS transports.
@@ -414,12 +402,12 @@ class ProxyChannel(http.HTTPChannel):
         return False
 
     def lineReceived(self, line: bytes) -> None:
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize or (
-            line and self._receivedHeaderCount >= self.maxHeaders
+        if self.head_bytes + len(line) > self.totalHeadersSize or (
+            line and self.head_count >= self.maxHeaders
         ):
             self._refuse(431, b"Request Header Fields Too Large")
             return
-        if line[:1] in (b" ", b"\t") and self._receivedHeaderSize > 0:
+        if line[:1] in (b" ", b"\t") and self.head_bytes > 0:
             # An obs-folded header line (after the request line, which is
             # what makes the size non-zero): Twisted joins it to the header
             # before it, a server that reads it as a header of its own, or
@@ -453,18 +441,15 @@ class ProxyChannel(http.HTTPChannel):
                 # section 7); anything but "chunked" alone is refused.
                 if value.lower() != b"chunked":
                     return self._bad_header(b"Transfer-Encoding other than chunked")
-                # _version: Twisted's (private) attribute for the request
-                # line's version, set before any header is parsed.
-                if self._version != b"HTTP/1.1":
+                # The request line's version is known before any header.
+                if self.request_version != b"HTTP/1.1":
                     return self._bad_header(b"Transfer-Encoding on HTTP/1.0")
             elif name == b"host" and self.requests[-1].requestHeaders.hasHeader(b"host"):
                 return self._bad_header(b"more than one Host header")
         accepted: bool = super().headerReceived(line)
-        # _transferDecoder: Twisted's (private) decoder for this request's
-        # body, just chosen; replaced by one that bounds chunk sizes.
-        plain = self._transferDecoder
-        if accepted and colon and name == b"transfer-encoding" and plain is not None:
-            self._transferDecoder = _BoundedChunkedDecoder(plain.dataCallback, plain.finishCallback)
+        if accepted and colon and name == b"transfer-encoding":
+            # Twisted has just chosen its chunked decoder for the body.
+            self.bound_chunk_sizes(MAX_CHUNK_SIZE)
         return accepted
 
     def _bad_header(self, problem: bytes) -> bool:
@@ -474,7 +459,7 @@ class ProxyChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:
         # The first line of a request over the limit is a URI too long;
         # any other, a header too large.
-        if self._receivedHeaderSize == 0:
+        if self.head_bytes == 0:
             self._refuse(414, b"URI Too Long")
         else:
             self._refuse(431, b"Request Header Fields Too Large")
@@ -500,12 +485,10 @@ class ProxyChannel(http.HTTPChannel):
         # A request dispatched before its body (now found malformed) may be
         # talking to its upstream: it must stop at once and write nothing
         # more, and if its answer has begun, a 400 after it would be garbage.
-        # (_disconnected: Twisted's private flag for a request whose client
-        # is gone.)
         in_flight: ProxyRequest | None = None
         if self.requests and isinstance(self.requests[-1], ProxyRequest):
             last = self.requests[-1]
-            if last._early and not last.finished and not last._disconnected:
+            if last._early and not last.finished and not compat.request_gone(last):
                 in_flight = last
         if in_flight is None or not in_flight.startedWriting:
             body = b"connectors-proxy: " + phrase + (b": " + problem if problem else b"") + b"\n"
@@ -520,22 +503,22 @@ class ProxyChannel(http.HTTPChannel):
         if in_flight is not None:
             in_flight.connectionLost(Failure(ConnectionDone("the request was malformed")))
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         self._refuse(400, b"Bad Request")
 
     def allHeadersReceived(self) -> None:
         self._cancel_header_deadline()
         req = self.requests[-1]
-        self.persistent = self.checkPersistence(req, self._version)
+        self.persistent = self.checkPersistence(req, self.request_version)
         req.gotLength(self.length)
         expect = req.requestHeaders.getRawHeaders(b"Expect")
         if expect:
-            if expect[0].lower() != b"100-continue" or self._version != b"HTTP/1.1":
+            if expect[0].lower() != b"100-continue" or self.request_version != b"HTTP/1.1":
                 self._refuse(417, b"Expectation Failed")
                 return
             req._expect_continue = True
         if self.length != 0 and not self._refused:
-            req.begin(self._command, self._path, self._version)
+            req.begin(*self.request_line)
 
     def allContentReceived(self) -> None:
         if not self.requests or self._draining is not None or self._refused:

@@ -4,24 +4,17 @@ Errors the proxy itself answers with: a status, a machine-readable code and a
 message that names the problem and what to fix.  Never a traceback, never a
 credential.
 
-Two bodies: C{text/plain} for REST and git clients (git prints it to the
-user), and the OCI error body C{{"errors":[{"code","message"}]}} for
-registry clients.
+Each protocol renders them in its clients' form
+(L{connectors_proxy.protocols.ProtocolResource.error_response}); the
+C{text/plain} form (REST and git: git prints it to the user) is here.
 """
 
 from __future__ import annotations
-
-import json
 
 from twisted.web.http_headers import Headers
 
 REALM_CHALLENGE = b'Basic realm="connectors-proxy"'
 
-# The answer to an OCI "/v2/" ping, which the proxy gives itself.
-OCI_PING_HEADERS = {
-    b"Content-Type": b"application/json",
-    b"Docker-Distribution-API-Version": b"registry/2.0",
-}
 
 
 class ProxyError(Exception):
@@ -66,17 +59,20 @@ def unavailable(message: str) -> ProxyError:
     return ProxyError(503, "UNAVAILABLE", message)
 
 
-def error_response(error: ProxyError, oci: bool) -> tuple[Headers, bytes]:
-    """The headers and body of the response for C{error}."""
+def text_response(error: ProxyError) -> tuple[Headers, bytes]:
+    """
+    The headers and body of a C{text/plain} response for C{error} (REST and
+    git clients; other protocols render their own, see
+    L{connectors_proxy.protocols.ProtocolResource.error_response}).
+    """
     headers = Headers()
-    if oci:
-        body = json.dumps({"errors": [{"code": error.code, "message": error.message}]}).encode() + b"\n"
-        headers.setRawHeaders(b"Content-Type", [b"application/json"])
-        headers.setRawHeaders(b"Docker-Distribution-API-Version", [b"registry/2.0"])
-    else:
-        body = f"connectors-proxy: {error.message}\n".encode()
-        headers.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+    body = f"connectors-proxy: {error.message}\n".encode()
+    headers.setRawHeaders(b"Content-Type", [b"text/plain; charset=utf-8"])
+    challenge(headers, error)
+    return headers, body
+
+
+def challenge(headers: Headers, error: ProxyError) -> None:
+    """A 401 carries the proxy's own Basic challenge: clients send the token after it."""
     if error.status == 401:
         headers.setRawHeaders(b"WWW-Authenticate", [REALM_CHALLENGE])
-    headers.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
-    return headers, body

@@ -25,6 +25,7 @@ from connectors_proxy.model.objects import Connector, Secret
 from connectors_proxy.model.state import Snapshot
 from connectors_proxy.server import errors
 from connectors_proxy.tls.upstream import load_ca_bundle, load_client_certificate
+from connectors_proxy.upstream.timeouts import TimedAgent, UpstreamTimeouts
 
 # Idle upstream connections kept per host: enough that a burst of parallel
 # requests (50 wrk connections, 10 parallel layer pulls) reuses connections
@@ -124,6 +125,8 @@ class Agents:
     # the in-memory tests connect to resources instead.
     endpoints: Callable[[IReactorTime, IPolicyForHTTPS, float], IAgentEndpointFactory] = field(
         default=lambda reactor, policy, timeout: _CachingEndpointFactory(reactor, policy, timeout))
+    # How long an upstream may take to answer, and to send the next bytes of a body.
+    timeouts: UpstreamTimeouts = field(factory=UpstreamTimeouts)
     _agents: dict[tuple[bytes | None, bytes | None, bytes | None], IAgent] = field(factory=dict)
     _pools: list[HTTPConnectionPool] = field(factory=list)
 
@@ -137,9 +140,9 @@ class Agents:
             pool.maxPersistentPerHost = MAX_IDLE_PER_HOST
             pool.cachedConnectionTimeout = IDLE_TIMEOUT
             self._pools.append(pool)
-            agent = Agent.usingEndpointFactory(
+            agent = TimedAgent(Agent.usingEndpointFactory(
                 self.reactor, self.endpoints(self.reactor, self.policy_for(ca_pem, cert_pem, key_pem),
-                                             CONNECT_TIMEOUT), pool=pool)
+                                             CONNECT_TIMEOUT), pool=pool), self.reactor, self.timeouts)
             self._agents[key] = agent
         return agent
 

@@ -12,6 +12,7 @@ protocol module and passed in.
 from __future__ import annotations
 
 import functools
+import re
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,8 +33,9 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
+from connectors_proxy import compat
 from connectors_proxy.server.channel import ProxyRequest
-from connectors_proxy.server.errors import ProxyError, bad_gateway, error_response
+from connectors_proxy.server.errors import ProxyError, bad_gateway
 from connectors_proxy.server.headers import (
     client_response_headers,
     same_origin,
@@ -41,8 +43,9 @@ from connectors_proxy.server.headers import (
 )
 from connectors_proxy.server.routing import Route
 from connectors_proxy.tls.upstream import describe_tls_failure, tls_error
-from connectors_proxy.upstream.reflection import DECODABLE, NO_SECRETS, Inflater, Masker, Secrets, secrets_for, textual
+from connectors_proxy.upstream.reflection import DECODABLE, Inflater, Masker, Secrets, secrets_for, textual
 from connectors_proxy.upstream.target import Target
+from connectors_proxy.upstream.timeouts import UpstreamTimeout
 
 log = Logger()
 
@@ -99,6 +102,13 @@ def _host_for_origin(origin: bytes) -> bytes:
     return b"%b:%d" % (host, uri.port)
 
 
+def _upstream_name(target: Target, url: bytes) -> str:
+    """The upstream as messages name it: the Connector's address, or the other origin C{url} is on."""
+    if same_origin(url.decode("latin-1"), target.connector.address):
+        return target.connector.address
+    return url.decode("latin-1").split("?", 1)[0]
+
+
 def describe_failure(reason: Failure, target: Target, url: bytes | None = None) -> str:
     """A one-line explanation of why the upstream (at C{url}) could not be reached."""
     address = target.connector.address
@@ -136,6 +146,11 @@ async def send(target: Target, method: bytes, url: bytes, headers: Headers,
         response: IResponse = await d
     except CancelledError:
         raise ProxyError(499, "CLIENT_CLOSED", "client went away") from None
+    except UpstreamTimeout as e:
+        # The upstream's fault, not the client's: 504, and the access log says so.
+        if request is not None:
+            request.fault = e.fault
+        raise ProxyError(504, "UPSTREAM_TIMEOUT", f"upstream {_upstream_name(target, url)}: {e}") from None
     except Exception:
         raise bad_gateway(describe_failure(Failure(), target, url)) from None
     finally:
@@ -176,7 +191,15 @@ def response_headers(target: Target, response: IResponse, secrets: Secrets | Non
             headers.setRawHeaders(b"Location", mapped)
         else:
             headers.removeHeader(b"location")
+    links = headers.getRawHeaders(b"link")
+    if links:
+        # Pagination (RFC 8288) pointing at the upstream, mapped back like Location.
+        headers.setRawHeaders(b"Link", [_LINK_TARGET.sub(lambda m: b"<" + target.to_client(m.group(1)) + b">", link)
+                                        for link in links])
     return headers
+
+
+_LINK_TARGET = re.compile(rb"<([^>]*)>")
 
 
 class _ResponseRelay(Protocol):
@@ -270,20 +293,17 @@ def _content_codings(response: IResponse) -> list[bytes]:
 
 
 async def stream_response(request: ProxyRequest, response: IResponse, headers: Headers,
-                          code: int | None = None, secrets: Secrets | None = None) -> int:
+                          secrets: Secrets, code: int | None = None) -> int:
     """
     Send C{response} to the client with C{headers}, streaming its body.
     Fires with the number of body bytes relayed.  If the client goes away,
     the upstream response is abandoned (its connection closed).
 
-    C{secrets} (by default, those of the credentials of the request's
-    target) reflected in the status phrase, in a textual body or in any
-    error body are masked as the body streams; a compressed one is decoded
-    to be masked (a C{Content-Encoding} the proxy cannot decode is a 502).
+    C{secrets} (those of the target's credentials: L{secrets_for})
+    reflected in the status phrase, in a textual body or in any error body
+    are masked as the body streams; a compressed one is decoded to be
+    masked (a C{Content-Encoding} the proxy cannot decode is a 502).
     """
-    if secrets is None:
-        target = request.target
-        secrets = secrets_for(target.credentials) if target is not None else NO_SECRETS
     status = code or response.code
     phrase = response.phrase
     masker: Masker | None = None
@@ -329,15 +349,17 @@ async def stream_response(request: ProxyRequest, response: IResponse, headers: H
     disarm = _on_disconnect(request, lambda: relay.transport and relay.transport.stopProducing())
     try:
         sent = await done
-    except Exception:
+    except Exception as e:
         # The upstream broke off mid-body: the client must not mistake the
         # truncated body for a complete one, so the connection is cut.
+        if isinstance(e, UpstreamTimeout):
+            request.fault = e.fault
         disarm()
         if not request.finished and request.channel is not None:
             request.channel.transport.abortConnection()
         return relay.sent
     disarm()
-    if not request.finished and not request._disconnected:
+    if not request.finished and not compat.request_gone(request):
         request.finish()
     return sent
 
@@ -397,23 +419,22 @@ def send_bytes(request: ProxyRequest, code: int, headers: Mapping[bytes, bytes] 
     request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])
     if body:
         request.write(body)
-    if not request.finished and not request._disconnected:
+    if not request.finished and not compat.request_gone(request):
         request.finish()
 
 
-def send_error(request: ProxyRequest, error: ProxyError, oci: bool) -> None:
+def send_error(request: ProxyRequest, status: int, headers: Headers, body: bytes) -> None:
     """
-    Answer with the proxy's own error, or, when the response has already
-    started, cut the connection so the client sees a failure rather than a
-    truncated success.
+    Answer with an error the proxy made (C{status}, C{headers}, C{body}),
+    or, when the response has already started, cut the connection so the
+    client sees a failure rather than a truncated success.
     """
-    if request.finished or request._disconnected:
+    if request.finished or compat.request_gone(request):
         return
     if request.startedWriting:
         request.channel.transport.abortConnection()
         return
-    headers, body = error_response(error, oci)
-    send_bytes(request, error.status, headers, body)
+    send_bytes(request, status, headers, body)
 
 
 async def proxy(request: ProxyRequest, target: Target, rest: bytes | None = None) -> int:
@@ -424,4 +445,5 @@ async def proxy(request: ProxyRequest, target: Target, rest: bytes | None = None
     """
     response = await send(target, request.method, target.upstream_url(rest),
                           request_headers(request, target), request.body, request)
-    return await stream_response(request, response, response_headers(target, response))
+    return await stream_response(request, response, response_headers(target, response),
+                                 secrets_for(target.credentials))

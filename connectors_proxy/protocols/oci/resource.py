@@ -31,6 +31,7 @@ What this module adds to the shared relay:
 
 from __future__ import annotations
 
+import json
 from io import BytesIO
 from urllib.parse import urljoin
 
@@ -42,6 +43,7 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from connectors_proxy.ops.metrics import ProxyMetrics
 from connectors_proxy.protocols import ProtocolResource, naming_connector
 from connectors_proxy.protocols.oci.auth import (
     Challenge,
@@ -72,9 +74,11 @@ from connectors_proxy.protocols.oci.names import (
     scopes_for,
 )
 from connectors_proxy.protocols.oci.tokens import SingleFlight, TokenCache, TokenKey, fingerprint
+from connectors_proxy.server import errors
 from connectors_proxy.server.channel import ProxyRequest
-from connectors_proxy.server.errors import OCI_PING_HEADERS, ProxyError, bad_gateway
+from connectors_proxy.server.errors import ProxyError, bad_gateway
 from connectors_proxy.server.headers import client_response_headers
+from connectors_proxy.server.routing import Route
 from connectors_proxy.upstream import relay
 from connectors_proxy.upstream.reflection import Secrets, drop_reflected, secrets_for
 from connectors_proxy.upstream.target import Target
@@ -158,6 +162,31 @@ class _Authorized:
     token: str | None = None
 
 
+# The answer to a "/v2/" ping, which the proxy gives itself.
+PING_HEADERS = {
+    b"Content-Type": b"application/json",
+    b"Docker-Distribution-API-Version": b"registry/2.0",
+}
+
+
+def is_oci_path(rest: bytes) -> bool:
+    return rest == b"/v2" or rest.startswith(b"/v2/")
+
+
+def is_oci_ping(rest: bytes) -> bool:
+    return rest.split(b"?", 1)[0] in (b"/v2", b"/v2/")
+
+
+def error_body(error: ProxyError) -> tuple[Headers, bytes]:
+    """The OCI error response for C{error}: C{{"errors": [{"code", "message"}]}}."""
+    headers = Headers()
+    body = json.dumps({"errors": [{"code": error.code, "message": error.message}]}).encode() + b"\n"
+    for name, value in PING_HEADERS.items():
+        headers.setRawHeaders(name, [value])
+    errors.challenge(headers, error)
+    return headers, body
+
+
 @define
 class OciResource(ProtocolResource):
     """
@@ -178,14 +207,32 @@ class OciResource(ProtocolResource):
 
     # -- one request --------------------------------------------------------
 
-    async def serve(self, request: ProxyRequest) -> None:
-        target: Target = request.target
-        try:
-            await self._serve(request, target)
-        except ProxyError as e:
-            relay.send_error(request, naming_connector(e, target) if e.status >= 500 else e, oci=True)
+    def report_to(self, metrics: ProxyMetrics) -> None:
+        self.tokens.on_hit = metrics.token_cache_hit
+        self.tokens.on_request = metrics.token_request
 
-    async def _serve(self, request: ProxyRequest, target: Target) -> None:
+    def claims(self, route: Route) -> bool:
+        # Registry clients' paths always start with /v2/: before the
+        # Connector is known, the router's refusals must already be OCI
+        # error bodies (and a 401 the challenge they expect).
+        return route.oci_path or is_oci_path(route.rest)
+
+    def serve_unrouted(self, request: ProxyRequest, route: Route) -> bool:
+        # The /v2/ ping in path mode names no Connector: the proxy answers
+        # it itself, once the client is authenticated.
+        if not is_oci_ping(route.rest):
+            return False
+        relay.send_bytes(request, 200, PING_HEADERS, b"{}")
+        return True
+
+    def error_response(self, request: ProxyRequest, error: ProxyError,
+                       target: Target | None) -> tuple[Headers, bytes]:
+        """The OCI error body; an upstream fault names the Connector."""
+        if target is not None and error.status >= 500:
+            error = naming_connector(error, target)
+        return error_body(error)
+
+    async def serve(self, request: ProxyRequest, target: Target) -> None:
         route = target.route
         raw_path, _, raw_query = route.rest.partition(b"?")
         path = raw_path.decode("latin-1")
@@ -195,7 +242,7 @@ class OciResource(ProtocolResource):
                 "not a path of the OCI distribution API, or an invalid repository name"
             ))
         if oci.kind == PING:
-            relay.send_bytes(request, 200, OCI_PING_HEADERS, b"{}")
+            relay.send_bytes(request, 200, PING_HEADERS, b"{}")
             return
         names = NameMap.for_path_mode(target.connector.namespace, target.connector.name) \
             if route.oci_path else NameMap()
