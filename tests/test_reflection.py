@@ -2,8 +2,7 @@
 Reflected credentials (SPEC section 10): what an upstream echoes of the
 request never carries the injected credentials to the client.
 
-Unit tests for L{connectors_proxy.upstream.reflection}, a test that the Twisted
-internals the relay reaches into are still there, and end-to-end tests
+Unit tests for L{connectors_proxy.upstream.reflection} and end-to-end tests
 against upstreams that reflect (real loopback sockets, the real relay): a
 REST echo server and an OCI registry stand-in with its own token realm.
 Canary credentials are random per test; everything the client receives and
@@ -23,20 +22,15 @@ from typing import Any
 from urllib.parse import quote
 
 from twisted.internet import reactor, threads
-from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import HTTP11ClientProtocol, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from connectors_proxy.model.credentials import BasicCredentials, BearerCredentials
 from connectors_proxy.server.headers import client_response_headers
 from connectors_proxy.upstream import reflection
-from connectors_proxy.upstream.agents import _QuietClientFactory
 from connectors_proxy.upstream.reflection import (
     Inflater,
     Masker,
@@ -253,52 +247,6 @@ class InflaterTests(SynchronousTestCase):
         pieces = Inflater(b"gzip").feed(bomb)
         self.assertLessEqual(max(map(len, pieces)), Inflater.PIECE)
         self.assertEqual(sum(map(len, pieces)), 8 * Inflater.PIECE)
-
-
-class TwistedInternals(SynchronousTestCase):
-    """
-    The private Twisted names L{connectors_proxy.upstream.relay} uses to drop the
-    headers an upstream's C{Connection} nominates: if Twisted renames or
-    changes them, this fails (and the relay would fail every request, not
-    leak).
-    """
-
-    def request(self) -> Any:
-        from twisted.web._newclient import Request as ClientRequest
-        return ClientRequest(b"GET", b"/", Headers({b"host": [b"upstream"]}), None, persistent=True)
-
-    def test_parser_holds_connection_headers(self) -> None:
-        from twisted.web._newclient import HTTPClientParser
-        protocol = HTTP11ClientProtocol()
-        protocol.makeConnection(StringTransport())
-        protocol.request(self.request())
-        parser = protocol._parser
-        self.assertIsInstance(parser, HTTPClientParser)
-        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: X-A\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n")
-        # Connection is in connHeaders, not in the response's headers: the relay must read it there.
-        self.assertEqual(parser.connHeaders.getRawHeaders(b"connection"), [b"X-A"])
-        self.assertFalse(parser.headers.hasHeader(b"connection"))
-
-    def test_factory_quiescent_callback(self) -> None:
-        def callback(protocol: Any) -> None:
-            pass
-        self.assertIs(_HTTP11ClientFactory(callback, "meta")._quiescentCallback, callback)
-
-    def test_nominated_headers_dropped(self) -> None:
-        returned: list[Any] = []
-        protocol = _QuietClientFactory(returned.append, "meta").buildProtocol(None)
-        protocol.makeConnection(StringTransport())
-        d: Deferred[IResponse] = protocol.request(self.request())
-        # A 1xx first: Twisted's parser starts its connHeaders over after it.
-        protocol.dataReceived(
-            b"HTTP/1.1 100 Continue\r\nConnection: X-Other\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nConnection: X-Secret-Thing , keep-alive\r\nX-Secret-Thing: v\r\n"
-            b"x-secret-thing: w\r\nX-Other: kept\r\nContent-Length: 0\r\n\r\n"
-        )
-        response = self.successResultOf(d)
-        self.assertFalse(response.headers.hasHeader(b"x-secret-thing"))
-        self.assertEqual(response.headers.getRawHeaders(b"x-other"), [b"kept"])
-        self.assertEqual(returned, [protocol])  # the connection went back to the pool
 
 
 # -- end to end ------------------------------------------------------------------

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_credentials,tests.test_kube_identity -*-
 """
 The seams of the proxy that tests replace with fakes, and that each mode
 (standalone, cluster) implements its own way.
@@ -11,11 +12,18 @@ from zope.interface import Interface
 
 @frozen
 class Identity:
-    """Who a client is, as its token says (TokenReview's C{status.user})."""
+    """
+    Who a client is, as its token says (TokenReview's C{status.user}).
+
+    @ivar pod: the Pod the token was issued for, when the token says so
+        (TokenReview's C{user.extra["authentication.kubernetes.io/pod-name"]}):
+        pod-scoped grants (C{connectors/proxy/v1/pod/PODNS/PODNAME}) apply to it.
+    """
 
     username: str
     uid: str = ""
     groups: tuple[str, ...] = ()
+    pod: str | None = None
 
     @property
     def service_account(self) -> tuple[str, str] | None:
