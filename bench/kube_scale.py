@@ -4,6 +4,7 @@ reconciled from a cold start against the fake API server on loopback, then
 a restart on the converged cluster.  A benchmark, not a test: it prints
 figures.
 
+    pip install '.[bench]'       # the fake API server needs jsonschema
     python bench/kube_scale.py [--connectors 5000] [--qps 100] [--max-in-flight 8]
 
 The fake API server runs in its own process (so its CPU and memory are not
@@ -31,6 +32,11 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+
+try:
+    import jsonschema  # noqa: F401 - the fake API server's one dependency beyond the proxy's
+except ImportError:
+    sys.exit("bench/kube_scale.py: the fake API server needs jsonschema: pip install '.[bench]'")
 
 
 def rss_mib(pid: int | str = "self") -> float:

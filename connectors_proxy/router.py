@@ -5,7 +5,8 @@ Where a request is routed and checked: the root resource.
 For every request, in this order and before the upstream is contacted:
 route (400 for targets that cannot be served safely), token present (401),
 token valid (401), identity allowed on the Connector (403), Connector known
-(404); then the Connector's credentials and agent are resolved into a
+(404); forward-proxy requests answer 407 instead of 401, and their targets
+under no listed Connector follow C{--forward-unlisted}; then the Connector's credentials and agent are resolved into a
 L{Target} and the request is handed to the resource of the class's protocol
 (REST, git, OCI).  One access-log event is written when the response ends.
 """
@@ -14,10 +15,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Union
 from urllib.parse import urlsplit
 
-from attrs import define, evolve, field
+from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -26,17 +27,21 @@ from twisted.web.server import NOT_DONE_YET
 
 from connectors_proxy.auth.identity import Presented, presented_token
 from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier, VerifierUnavailable
+from connectors_proxy.auth.rego import RegoHooks
 from connectors_proxy.model.credentials import CredentialsUnavailable, resolve
-from connectors_proxy.model.objects import Connector, ObjectRef
+from connectors_proxy.model.objects import Connector, ConnectorClass, ObjectRef
 from connectors_proxy.model.protocols import DEFAULT as DEFAULT_PROTOCOL
 from connectors_proxy.model.state import Snapshot, Store
 from connectors_proxy.protocols import ProtocolResource
+from connectors_proxy.protocols.forward import FORWARD, ForwardResource
 from connectors_proxy.server import accesslog, errors, limits
 from connectors_proxy.server.channel import ProxyRequest
 from connectors_proxy.server.headers import same_origin
 from connectors_proxy.server.routing import BadTarget, Route, route
 from connectors_proxy.tls.serve import client_identity
+from connectors_proxy.upstream import hooks
 from connectors_proxy.upstream.agents import ConnectorAgents
+from connectors_proxy.upstream.forward import ForwardAgents
 from connectors_proxy.upstream.relay import send_error
 from connectors_proxy.upstream.target import Target, client_base
 
@@ -47,25 +52,85 @@ NAMES_NO_CONNECTOR = ("the request names no Connector: use host c-NAME.NAMESPACE
                       "/namespaces/NAMESPACE/connectors/NAME/...")
 
 
-def forward_connector(route_: Route, listed: tuple[ObjectRef, ...],
-                      snapshot: Snapshot) -> tuple[ObjectRef, Route] | None:
+#: C{--forward-unlisted}: what happens to forward-proxy targets under no listed Connector.
+FORWARD_UNLISTED = ("allow", "deny")
+
+
+def forward_unlisted_policy(value: str) -> str:
+    """C{--forward-unlisted} as given, checked (a C{usage.Options} coerce function)."""
+    if value not in FORWARD_UNLISTED:
+        raise ValueError(f"must be {' or '.join(FORWARD_UNLISTED)}, not {value!r}")
+    return value
+
+
+@frozen
+class Listed:
     """
-    For a forward-proxy request (absolute-form target whose host is not a
-    Connector host), the listed Connector whose address serves that origin
-    and whose path prefix covers the path, and the route re-expressed
-    relative to that address.
+    A forward-proxy target under a listed Connector's C{spec.address} or one
+    of its C{spec.addressExtensions}: it gets that Connector's credentials.
+
+    @ivar address: the address it is under (the upstream base of the request).
+    @ivar prefix: that address's path, which the request path starts with.
     """
-    assert route_.origin is not None
-    wanted = route_.origin.decode("latin-1")
-    path = route_.rest.split(b"?", 1)[0]
+
+    ref: ObjectRef
+    address: str
+    prefix: bytes
+
+
+@frozen
+class Unlisted:
+    """A forward-proxy target under no listed Connector, relayed without credentials."""
+
+
+@frozen
+class Refused:
+    """A forward-proxy target the proxy does not relay to (C{--forward-unlisted deny}): 403."""
+
+    message: str
+
+
+ForwardDecision = Union[Listed, Unlisted, Refused]
+
+
+def forward_decision(origin: str, path: bytes | None, listed: tuple[ObjectRef, ...], snapshot: Snapshot,
+                     unlisted: str = "allow") -> ForwardDecision:
+    """
+    Where a forward-proxy request for C{origin} (C{scheme://host[:port]})
+    and C{path} goes: under which listed Connector, or nowhere listed.
+
+    Each listed Connector's C{spec.address} and C{spec.addressExtensions}
+    values are matched as URL prefixes: same scheme, host and port, and the
+    path equal to the address's path or below it (segment-wise).  The
+    longest matching prefix wins; between equal ones, the Connector listed
+    first.  With C{path} C{None} (a C{CONNECT}, decided before its
+    requests are read), any listed address on C{origin} matches.
+
+    @param unlisted: C{--forward-unlisted}: C{allow} gives L{Unlisted},
+        C{deny} gives L{Refused}.
+    """
+    best: Listed | None = None
     for ref in listed:
         connector = snapshot.connectors.get(ref)
-        if connector is None or not same_origin(connector.address, wanted):
+        if connector is None:
             continue
-        prefix = urlsplit(connector.address).path.rstrip("/").encode("utf-8")
-        if not prefix or path == prefix or path.startswith(prefix + b"/"):
-            return ref, evolve(route_, rest=route_.rest[len(prefix):], client_prefix=prefix)
-    return None
+        for address in connector.addresses:
+            if not same_origin(address, origin):
+                continue
+            prefix = urlsplit(address).path.rstrip("/").encode("utf-8")
+            if path is not None and prefix and not (path == prefix or path.startswith(prefix + b"/")):
+                continue
+            if best is None or len(prefix) > len(best.prefix):
+                best = Listed(ref, address, prefix)
+    if best is not None:
+        return best
+    if unlisted == "allow":
+        return Unlisted()
+    return Refused(f"{origin} is not the address of a Connector you listed; this proxy only forwards to Connectors")
+
+
+#: The Connector an unlisted forward-proxy target is counted under (log, metrics, concurrency).
+UNLISTED = ObjectRef("-", "-")
 
 
 @define
@@ -80,10 +145,23 @@ class ConnectorsResource(Resource):
     observers: list[Callable[[ProxyRequest, accesslog.AccessRecord], None]] = field(factory=list)
     # Per-Connector concurrency limit (None: unlimited).
     limiter: limits.ConcurrencyLimiter | None = None
+    # Forward-proxy targets under no listed Connector: relayed without
+    # credentials ("allow") or refused ("deny"); and the agents that relay
+    # them (default: real ones on the Connectors' reactor).
+    forward_unlisted: str = "allow"
+    forward_agents: ForwardAgents | None = None
+    # ConnectorClass Rego hooks; their evaluator processes start when a
+    # class with hooks is first used.
+    rego: RegoHooks = field(factory=RegoHooks)
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
         Resource.__init__(self)
+        if FORWARD not in self.protocols:
+            # Unlisted forward-proxy targets are served like a protocol of their own.
+            self.protocols = {**self.protocols, FORWARD: ForwardResource()}
+        if self.forward_agents is None:
+            self.forward_agents = ForwardAgents(self.agents.agents.reactor, timeouts=self.agents.agents.timeouts)
 
     def render(self, request: ProxyRequest) -> Any:  # type: ignore[override]
         started = time.monotonic()
@@ -134,11 +212,14 @@ class ConnectorsResource(Resource):
                 return resource
         return self.protocols[DEFAULT_PROTOCOL]
 
-    async def _authenticate(self, request: ProxyRequest) -> tuple[Identity, Presented | None]:
+    async def _authenticate(self, request: ProxyRequest,
+                            extracted: Presented | None = None) -> tuple[Identity, Presented | None]:
         # A client certificate verified by a cptls listener with clientCA=
-        # is an identity of its own; otherwise the token decides.
+        # is an identity of its own; otherwise the token decides: where the
+        # class's authExtractor found it (C{extracted}), else Basic/Bearer.
         certified = client_identity(request.channel.transport)
-        presented = presented_token(request.getHeader(b"authorization"), request.getHeader(b"proxy-authorization"))
+        presented = extracted if extracted is not None else \
+            presented_token(request.getHeader(b"authorization"), request.getHeader(b"proxy-authorization"))
         if certified is not None:
             return certified, presented
         if presented is None:
@@ -160,20 +241,47 @@ class ConnectorsResource(Resource):
 
     async def _resolve(self, request: ProxyRequest, r: Route, context: dict[str, str]) -> Target | None:
         """The routed target of C{request}, or C{None} when it names no Connector."""
-        identity, presented = await self._authenticate(request)
+        # A forward-proxy request (absolute form, no Connector host): its
+        # token is in Proxy-Authorization, and without a valid one the
+        # answer is the proxy's challenge (some clients send credentials
+        # only after it), never a 401 the client would take for the target's.
+        forward = r.origin is not None and not r.names_connector
+        if forward and not request.getHeader(b"proxy-authorization") \
+                and client_identity(request.channel.transport) is None:
+            raise errors.proxy_unauthorized(
+                "forward-proxy requests need 'Proxy-Authorization: Basic base64(NAMESPACE/CONNECTOR:TOKEN)'")
+        extracted: Presented | None = None
+        if r.names_connector:
+            # The class's Rego authExtractor may find the token elsewhere
+            # (glab's Private-Token): the class is known once the Connector
+            # is, so it is looked up first (an unknown one still gets 401
+            # before 404).
+            peek = self.store.snapshot
+            named = peek.connectors.get(ObjectRef(r.namespace or "", r.name or ""))
+            named_class = peek.connector_class(named) if named is not None else None
+            if named_class is not None and named_class.extractor is not None:
+                extracted, r = await hooks.extract(self.rego, request, named_class, r, None)
+        try:
+            identity, presented = await self._authenticate(request, extracted)
+        except errors.ProxyError as e:
+            if forward and e.status == 401:
+                raise errors.proxy_unauthorized(e.message) from None
+            raise
         context["identity"] = identity.username
 
         snapshot = self.store.snapshot
+        address: str | None = None
         if r.names_connector:
             ref = ObjectRef(r.namespace or "", r.name or "")
         elif r.origin is not None:
-            found = forward_connector(r, presented.listed if presented else (), snapshot)
-            if found is None:
-                raise errors.forbidden(
-                    f"{r.origin.decode('latin-1')} is not the address of a Connector you listed; "
-                    "this proxy only forwards to Connectors"
-                )
-            ref, r = found
+            decision = forward_decision(r.origin.decode("latin-1"), r.rest.split(b"?", 1)[0],
+                                        presented.listed if presented else (), snapshot, self.forward_unlisted)
+            if isinstance(decision, Refused):
+                raise errors.forbidden(decision.message)
+            if isinstance(decision, Unlisted):
+                return self._unlisted(request, identity, r)
+            ref, address = decision.ref, decision.address
+            r = evolve(r, rest=r.rest[len(decision.prefix):], client_prefix=decision.prefix)
         else:
             # No Connector named: a protocol may still answer (the OCI ping).
             return None
@@ -192,7 +300,26 @@ class ConnectorsResource(Resource):
         connector = snapshot.connectors.get(ref)
         if connector is None:
             raise errors.not_found(f"Connector {ref} not found")
-        return self._target(request, snapshot, connector, identity, r)
+        if address is not None and address != connector.address:
+            # Under one of its addressExtensions: that is the upstream base.
+            connector = evolve(connector, address=address)
+        # A class's Rego generator places the credentials (per request).
+        return await hooks.generate(self.rego, request, self._target(request, snapshot, connector, identity, r))
+
+    def _unlisted(self, request: ProxyRequest, identity: Identity, r: Route) -> Target:
+        """The target of a forward-proxy request under no listed Connector: no credentials, guarded agent."""
+        assert r.origin is not None and self.forward_agents is not None
+        return Target(
+            connector=Connector(namespace=UNLISTED.namespace, name=UNLISTED.name, class_name="",
+                                address=r.origin.decode("latin-1"), auth_name=None, secret_ref=None,
+                                ca_secret_ref=None),
+            connector_class=ConnectorClass(name="", protocol=FORWARD, auth_types=(), proxy=None),
+            identity=identity,
+            route=r,
+            credentials=None,
+            agent=self.forward_agents.agent(),
+            client_base=client_base(request),
+        )
 
     def _target(self, request: ProxyRequest, snapshot: Snapshot, connector: Connector,
                 identity: Identity, r: Route) -> Target:
@@ -234,6 +361,8 @@ class ConnectorsResource(Resource):
             bytes_out=request.sentLength,
             duration_ms=round((time.monotonic() - started) * 1000, 2),
             fault=request.fault,
+            truncated=accesslog.truncated_by(isinstance(result, Failure), bool(request.startedWriting),
+                                             request.truncated),
         )
         accesslog.emit(record)
         for observer in self.observers:

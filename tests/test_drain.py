@@ -45,6 +45,7 @@ class FakeTransport:
 class FakeRequest:
     startedWriting: bool = False
     headers: dict[bytes, bytes] = field(factory=dict)
+    fault: str | None = None
 
     def setHeader(self, name: bytes, value: bytes) -> None:
         self.headers[name] = value
@@ -165,6 +166,8 @@ class DrainerTests(SynchronousTestCase):
         self.clock.pump([0.2] * 2)
         self.assertEqual(fired(d), 1)
         self.assertTrue(stuck.transport.aborted)
+        # Its access line will say the drain cut it (not 499, the client).
+        self.assertEqual([r.fault for r in stuck.requests], ["drain"])
 
     def test_abort_cuts_at_once(self) -> None:
         stuck = self.site.connect(requests=1, started=True)

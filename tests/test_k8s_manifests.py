@@ -10,6 +10,7 @@ and the systemd units of C{deploy/} against those and against systemd.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ K8S = Path(__file__).resolve().parents[1] / "k8s"
 #: The oldest Kubernetes the manifests promise to work on, and the newest schemas we have.
 VERSIONS = ("1.28", kubernetes_validate.latest_version())
 GROUP = "connectors.alauda.io"
+SECRET_TYPES = ("kubernetes.io/basic-auth", "connectors.cpaas.io/bearer-token", "cpaas.io/distribution-registry-token",
+                "connectors.cpaas.io/gitlab-pat-auth", "Opaque")
 SA_USER = ("connectors-system", "connectors-proxy")
 
 #: Exactly what the proxy may do: (apiGroup, resource, verb, namespace or None for cluster-wide).
@@ -41,17 +44,31 @@ EXPECTED_GRANTS = (
     | {("authentication.k8s.io", "tokenreviews", "create", None),
        ("authorization.k8s.io", "subjectaccessreviews", "create", None)}
     | {("coordination.k8s.io", "leases", v, "connectors-system") for v in ("get", "create", "update")}
+    # Upstream's feature flags: the ConfigMap connectors-config, watched.
+    | {("", "configmaps", v, "connectors-system") for v in ("get", "list", "watch")}
 )
 
 
+CLASSES = K8S / "classes"
+#: The upstream example ConnectorClasses shipped in k8s/classes/, and the protocol each is served with.
+UPSTREAM_CLASSES = {"git": "git", "github": "git", "gitlab": "git", "oci": "oci", "harbor": "oci",
+                    "maven": "http", "npm": "http", "pypi": "http", "k8s": "http", "sonarqube": "http",
+                    "nexus": "http", "jfrog": "http"}
+RESOLVER_ANNOTATION = "connectors.cpaas.io/proxy-resolver"
+
+
+def manifest_files() -> list[Path]:
+    """Every manifest of k8s/ and k8s/classes/, kustomization.yaml aside."""
+    return [p for p in sorted(K8S.glob("*.yaml")) + sorted(CLASSES.glob("*.yaml"))
+            if p.name != "kustomization.yaml"]
+
+
 def documents(name: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-    for path in sorted(K8S.glob("*.yaml")) if name is None else [K8S / name]:
-        if path.name == "kustomization.yaml":
-            continue
+    for path in manifest_files() if name is None else [K8S / name]:
         with open(path, encoding="utf-8") as f:
             for doc in yaml.safe_load_all(f):
                 if doc is not None:
-                    yield path.name, doc
+                    yield str(path.relative_to(K8S)), doc
 
 
 def kinds(kind: str) -> list[dict[str, Any]]:
@@ -121,6 +138,56 @@ class ManifestSchemaTests(SynchronousTestCase):
             self.assertTrue(schema.get("description"))
             self.assertEqual(set(schema["properties"]), {"apiVersion", "kind", "metadata", "spec", "status"})
 
+    def test_connector_class_printer_columns(self) -> None:
+        """Upstream's columns, in upstream's order: Ready and Reason from the Ready condition, Age."""
+        crd = one("CustomResourceDefinition", f"connectorclasses.{GROUP}")
+        columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        self.assertEqual([c["name"] for c in columns], ["Ready", "Reason", "Age"])
+        self.assertEqual([c["jsonPath"] for c in columns],
+                         ['.status.conditions[?(@.type=="Ready")].status',
+                          '.status.conditions[?(@.type=="Ready")].reason', ".metadata.creationTimestamp"])
+
+    def test_upstream_schema_markers(self) -> None:
+        """
+        The list and map markers of upstream's CRDs: server-side apply merges
+        auth types and auth probes by key, and replaces a secretRef whole;
+        a Connector may omit connectorClassName; both kinds keep
+        C{status.annotations}.
+        """
+        schemas = load_crd_schemas(kinds("CustomResourceDefinition"))
+        klass = schemas[(GROUP, "v1alpha1", "connectorclasses")]["properties"]
+        connector = schemas[(GROUP, "v1alpha1", "connectors")]["properties"]
+        for node, key in ((klass["spec"]["properties"]["auth"]["properties"]["types"], "name"),
+                          (klass["spec"]["properties"]["authProbes"], "authName")):
+            self.assertEqual((node["x-kubernetes-list-type"], node["x-kubernetes-list-map-keys"]), ("map", [key]))
+            # A list-map key must be required (or defaulted) for the API server to take the CRD.
+            self.assertIn(key, node["items"]["required"])
+        secret_ref = connector["spec"]["properties"]["auth"]["properties"]["secretRef"]
+        self.assertEqual(secret_ref["x-kubernetes-map-type"], "atomic")
+        self.assertNotIn("connectorClassName", connector["spec"].get("required", []))
+        for status in (klass["status"], connector["status"]):
+            self.assertEqual(status["properties"]["annotations"],
+                             {"type": "object", "description": status["properties"]["annotations"]["description"],
+                              "additionalProperties": {"type": "string"}})
+        for spec in (klass["spec"], connector["spec"]):
+            for name in ("addressExtensions", "params"):
+                self.assertEqual(spec["properties"][name]["type"], "array")
+
+    def test_upstream_objects_validate(self) -> None:
+        """Objects as upstream writes them: no connectorClassName, duplicate-free keyed lists, annotations."""
+        schemas = load_crd_schemas(kinds("CustomResourceDefinition"))
+        connector = {"spec": {"address": "https://x", "auth": {"secretRef": {"name": "s"}}},
+                     "status": {"annotations": {"connectors.cpaas.io/x": "y"}}}
+        klass = {"spec": {"auth": {"types": [{"name": "a"}, {"name": "b"}]},
+                          "authProbes": [{"authName": "a", "probe": {"api": {"path": "/"}}}]},
+                 "status": {"annotations": {"k": "v"}, "conditions": [{"type": "Ready", "status": "True"}]}}
+        for plural, obj in (("connectors", connector), ("connectorclasses", klass)):
+            schema = schemas[(GROUP, "v1alpha1", plural)]
+            for key in ("spec", "status"):
+                sub = schema["properties"][key]
+                self.assertEqual(list(Draft4Validator(to_jsonschema(sub)).iter_errors(obj[key])), [], plural)
+                self.assertEqual(prune(obj[key], sub), obj[key])
+
     def test_connector_printer_columns(self) -> None:
         crd = one("CustomResourceDefinition", f"connectors.{GROUP}")
         columns = {c["name"]: c["jsonPath"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
@@ -187,6 +254,7 @@ class ShippedObjectTests(SynchronousTestCase):
         service = one("Service", "connectors-proxy-service")
         from connectors_proxy.model.protocols import NAMES
         for name in NAMES:
+            # The upstream classes git and oci serve two of the protocols by their names.
             doc = one("ConnectorClass", name)
             self.validate_custom(doc)
             parsed = parse_connector_class(doc)
@@ -195,6 +263,100 @@ class ShippedObjectTests(SynchronousTestCase):
             self.assertEqual((parsed.proxy.kind, parsed.proxy.name, parsed.proxy.namespace),
                              ("Service", service["metadata"]["name"], service["metadata"]["namespace"]))
             self.assertTrue(parsed.auth_types)
+
+    def test_upstream_classes(self) -> None:
+        """
+        The twelve upstream example classes: one file each, free of any
+        annotation of ours (byte for byte), valid against our CRD with
+        nothing pruned, served with the protocol their name implies, pointed
+        at the proxy Service, path-resolved exactly for oci and harbor.
+        """
+        service = one("Service", "connectors-proxy-service")
+        self.assertEqual({p.stem for p in CLASSES.glob("*.yaml")}, set(UPSTREAM_CLASSES))
+        for name, protocol in UPSTREAM_CLASSES.items():
+            raw = (CLASSES / f"{name}.yaml").read_bytes()
+            self.assertNotIn(b"proxy.connectors.alauda.io", raw, name)
+            [doc] = [d for d in yaml.safe_load_all(raw) if d is not None]
+            self.assertEqual((doc["kind"], doc["metadata"]["name"]), ("ConnectorClass", name))
+            self.validate_custom(doc)
+            parsed = parse_connector_class(doc)
+            self.assertEqual(parsed.protocol, protocol, name)
+            assert parsed.proxy is not None
+            self.assertEqual((parsed.proxy.kind, parsed.proxy.name, parsed.proxy.namespace),
+                             ("Service", service["metadata"]["name"], service["metadata"]["namespace"]))
+            resolver = (doc["metadata"].get("annotations") or {}).get(RESOLVER_ANNOTATION, "host")
+            self.assertEqual(resolver, "path" if name in ("oci", "harbor") else "host", name)
+            self.assertTrue(parsed.auth_types, name)
+            for auth in doc["spec"]["auth"]["types"]:
+                self.assertIn(auth["secretType"], SECRET_TYPES, name)
+            names = [c["name"] for c in doc["spec"].get("configurations", [])]
+            self.assertEqual(len(names), len(set(names)), name)
+
+    def test_upstream_class_auth_types(self) -> None:
+        """The auth type names and Secret types of upstream's classes (UPSTREAM-COMPAT section 2)."""
+        expected = {
+            "git": ("basicAuth", "kubernetes.io/basic-auth", True),
+            "github": ("patAuth", "Opaque", True),
+            "gitlab": ("patAuth", "connectors.cpaas.io/gitlab-pat-auth", True),
+            "k8s": ("bearerTokenAuth", "connectors.cpaas.io/bearer-token", False),
+            "maven": ("basicAuth", "kubernetes.io/basic-auth", True),
+            "npm": ("basicAuth", "kubernetes.io/basic-auth", True),
+            "pypi": ("basicAuth", "kubernetes.io/basic-auth", True),
+            "sonarqube": ("tokenAuth", "connectors.cpaas.io/bearer-token", False),
+            "nexus": ("basicAuth", "kubernetes.io/basic-auth", True),
+            "jfrog": ("basicAuth", "kubernetes.io/basic-auth", True),
+            "oci": ("tokenAuth", "cpaas.io/distribution-registry-token", True),
+            "harbor": ("basicAuth", "kubernetes.io/basic-auth", True),
+        }
+        for name, (auth, secret_type, optional) in expected.items():
+            parsed = parse_connector_class(one("ConnectorClass", name))
+            got = parsed.auth_type(auth)
+            assert got is not None, name
+            self.assertEqual((got.secret_type, got.optional), (secret_type, optional), name)
+        configurations = {name: {c["name"] for c in one("ConnectorClass", name)["spec"].get("configurations", [])}
+                          for name in expected}
+        self.assertEqual(configurations["git"], {"gitconfig"})
+        self.assertLessEqual({"registry-config", "buildkitd"}, configurations["oci"])
+        self.assertLessEqual({"registry-config", "buildkitd"}, configurations["harbor"])
+        self.assertEqual(configurations["maven"], {"settings"})
+        self.assertLessEqual({"npmrc", "yarnrc"}, configurations["npm"])
+        self.assertEqual(configurations["pypi"], {"pipconf", "pypirc"})
+        for name in ("nexus", "jfrog"):
+            self.assertEqual(configurations[name], {"settings", "npmrc", "yarnrc", "pipconf", "pypirc"})
+        github = one("ConnectorClass", "github")["spec"]
+        self.assertEqual([e["name"] for e in github["addressExtensions"]], ["api"])
+        gitlab = one("ConnectorClass", "gitlab")["spec"]
+        self.assertIn("Private-Token", gitlab["proxy"]["authExtractor"]["rego"])
+
+    def test_upstream_class_policies(self) -> None:
+        """
+        The Rego hooks of the shipped classes compile and answer as their
+        comments say, in the engine the proxy runs them with.
+        """
+        from connectors_proxy.auth import regoworker
+
+        def run(policy: str, given: dict[str, Any]) -> Any:
+            compiled = regoworker.compile_policy(policy)
+            self.assertFalse(isinstance(compiled, str), compiled)
+            status, text = regoworker.evaluate(compiled, json.dumps(given))
+            self.assertEqual(status, b"V", text)
+            return json.loads(text)["expressions"][0]
+
+        def basic(user: str, password: str) -> str:
+            return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+        gitlab = one("ConnectorClass", "gitlab")["spec"]
+        generator = gitlab["auth"]["types"][0]["generator"]["rego"]
+        self.assertEqual(run(generator, {"data": {"token": "T"}, "request": {"path": "/g/api/v4/user"}}),
+                         {"position": "header", "auth": {"Private-Token": "T"}})
+        self.assertEqual(run(generator, {"data": {"token": "T"}, "request": {"path": "/g/app.git/info/refs"}}),
+                         {"position": "header", "auth": {"Authorization": basic("oauth2", "T")}})
+        extractor = gitlab["proxy"]["authExtractor"]["rego"]
+        self.assertEqual(run(extractor, {"request": {"headers": {"Private-Token": ["abc"]}}}), {"token": "abc"})
+        self.assertEqual(run(extractor, {"request": {"headers": None}}), {"token": ""})
+        github = one("ConnectorClass", "github")["spec"]["auth"]["types"][0]["generator"]["rego"]
+        self.assertEqual(run(github, {"data": {"token": "T"}, "request": {"path": "/o/r.git/info/refs"}}),
+                         {"position": "header", "auth": {"Authorization": basic("x-access-token", "T")}})
 
     def test_example_connector(self) -> None:
         connector = one("Connector", "github")
@@ -210,7 +372,7 @@ class ShippedObjectTests(SynchronousTestCase):
     def test_kustomization_lists_the_install(self) -> None:
         with open(K8S / "kustomization.yaml", encoding="utf-8") as f:
             kustomization = yaml.safe_load(f)
-        files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+        files = {str(p.relative_to(K8S)) for p in manifest_files()}
         # The example carries a placeholder credential: applied by hand, never by default.
         self.assertEqual(set(kustomization["resources"]), files - {"example-connector.yaml"})
         self.assertEqual(kustomization["resources"][:3],

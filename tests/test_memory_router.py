@@ -241,7 +241,13 @@ class RoutingTests(RouterTestCase):
         self.assertEqual((response.code, response.body), (200, b"ok /base/x"))
 
     def test_forward_proxy_elsewhere_refused(self) -> None:
-        """Outside every listed Connector's address (another path, another origin): 403, nothing forwarded."""
+        """
+        With C{--forward-unlisted deny}, outside every listed Connector's
+        address (another path, another origin): 403, nothing forwarded.
+        (The default, C{allow}, relays them without credentials: see
+        L{tests.test_upstream_compat}.)
+        """
+        self.proxy.root.forward_unlisted = "deny"
         for target in (b"http://api.test/other/x", b"http://api.test:8080/base/x", b"http://open.test/x"):
             response = self.get(target, basic_auth("default/api", self.token, b"Proxy-Authorization"))
             self.assertEqual(response.code, 403, target)
@@ -256,9 +262,6 @@ class RoutingTests(RouterTestCase):
                             basic_auth("default%2Fapi", self.token, b"Proxy-Authorization"))
         self.assertEqual((response.code, response.body), (200, b"ok /base/x"))
 
-    test_forward_proxy_percent_encoded_user.todo = (  # type: ignore[attr-defined]
-        "identity._listed does not percent-decode the Proxy-Authorization user part")
-
     def test_forward_proxy_without_credentials_is_407(self) -> None:
         """SPEC 4: a forward-proxy request without C{Proxy-Authorization} gets a 407 challenge."""
         response = self.get(b"http://api.test/base/x")
@@ -266,17 +269,11 @@ class RoutingTests(RouterTestCase):
         self.assertEqual(response.header(b"proxy-authenticate"), [REALM])
         self.assertEqual(self.upstream_requests(), [])
 
-    test_forward_proxy_without_credentials_is_407.todo = (  # type: ignore[attr-defined]
-        "the root answers 401 with WWW-Authenticate for absolute-form targets too")
-
     def test_host_and_path_naming_different_connectors(self) -> None:
         """SPEC 5: a host and a path that name different Connectors is a 400."""
         response = self.get(b"/namespaces/default/connectors/open/x", bearer(self.token), host=b"c-api.default.svc")
         self.assertEqual(response.code, 400)
         self.assertEqual(self.upstream_requests(), [])
-
-    test_host_and_path_naming_different_connectors.todo = (  # type: ignore[attr-defined]
-        "routing.route lets the host win and forwards the other Connector's path to it")
 
 
 class OciPingTests(RouterTestCase):

@@ -133,6 +133,10 @@ class RestThroughProxy(TestCase):
 
     @inlineCallbacks
     def test_not_an_open_proxy(self):  # type: ignore[no-untyped-def]
+        # --forward-unlisted deny: targets no listed Connector covers are
+        # refused (the default, allow, relays them without credentials; see
+        # tests.test_upstream_compat).
+        self.proxy.root.forward_unlisted = "deny"
         before = len(self.nginx.requests())
         for target in ("http://example.invalid/", self.nginx.url + "/bearer/echo"):
             result = yield run([*CURL, "-i", "-x", self.proxy.url, "-U", f"default/basic:{self.token}", target])

@@ -149,7 +149,9 @@ class EndpointStringTests(SynchronousTestCase):
             f"cptls:x:certKey={self.pki.path('tls.crt')}": "must be numbers",
             f"cptls:8443:certKey={self.pki.path('tls.crt')}:clientAuth=require": "needs clientCA",
             f"cptls:8443:certKey={self.pki.path('tls.crt')}:privateKey={self.pki.path('ca.key')}":
-                "does not belong",
+                # Each file named for what it is (the key's, not the certificate's twice).
+                f"the private key in {self.pki.path('ca.key')} does not belong to the certificate in "
+                f"{self.pki.path('tls.crt')}",
             f"cptls:8443:caCert={self.pki.path('ca.crt')}": "caCert and caKey go together",
         }
         for text, expected in cases.items():

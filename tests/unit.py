@@ -60,6 +60,9 @@ UNIT = (
 # What each needs, besides the proxy itself.
 INTEGRATION = (
     "tests.test_coexistence",  # twistd subprocess (upstream's Deployment flags)
+    "tests.test_clientconfig",  # pip, mvn, git, go
+    "tests.test_docs",  # runs the commands of docs/ pages
+    "tests.test_upstream_compat",  # curl, git, kube-apiserver
     "tests.test_daemon",  # twistd subprocess, nginx
     "tests.test_drain_process",  # twistd subprocess, curl
     "tests.test_fakekube_contract",  # kube-apiserver (the same contract as the fake)
@@ -76,6 +79,7 @@ INTEGRATION = (
     "tests.test_oci_fixtures",  # docker-registry, skopeo, podman
     "tests.test_oci_integration",  # docker-registry, skopeo, podman
     "tests.test_operator",  # twistd subprocess, curl
+    "tests.test_rego",  # curl (and Rego evaluator subprocesses)
     "tests.test_rest_integration",  # nginx, curl
     "tests.test_smuggling",  # nginx
     "tests.test_systemd",  # twistd subprocess, systemd-socket-activate

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_identity -*-
+# -*- test-case-name: tests.test_credentials,tests.test_memory_router -*-
 """
 Client identity: where the client's token sits in a request (pure), and the
 standalone mode's L{IIdentityVerifier} over a static token file.
@@ -15,6 +15,7 @@ import csv
 import hashlib
 import io
 from collections.abc import Mapping
+from urllib.parse import unquote
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
@@ -47,8 +48,14 @@ def _basic(value: bytes) -> tuple[str, str] | None:
 
 
 def _listed(user: str) -> tuple[ObjectRef, ...]:
+    """
+    The Connectors a C{Proxy-Authorization} user part lists: C{NS/NAME},
+    comma-separated.  Clients that take the user from a proxy URL (Java's
+    C{proxyUser}, Sonar) send it still percent-encoded (C{NS%2FNAME}), so
+    it is decoded first; C{%} appears in no namespace or name.
+    """
     refs = []
-    for item in user.split(","):
+    for item in unquote(user).split(","):
         ns, sep, name = item.strip().partition("/")
         if sep and ns and name:
             refs.append(ObjectRef(ns, name))
@@ -57,7 +64,7 @@ def _listed(user: str) -> tuple[ObjectRef, ...]:
 
 def presented_token(authorization: bytes | None, proxy_authorization: bytes | None) -> Presented | None:
     """
-    The token a request carries (SPEC section 4), or C{None}:
+    The token a request carries (README.md, "How a client reaches a Connector"), or C{None}:
     C{Proxy-Authorization: Basic base64(NS/NAME[,...]:TOKEN)},
     C{Authorization: Bearer TOKEN}, C{Authorization: Basic base64(ANY:TOKEN)}.
     """

@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import Attribute, Interface, implementer
 
+from connectors_proxy import compat
 from connectors_proxy.compat import HTTPConnectionPoolCompat
 from connectors_proxy.kube.config import KubeConfig, TokenSource
 from connectors_proxy.tls.upstream import certificates
@@ -74,6 +75,7 @@ CONNECTOR_CLASSES = Resource("connectors.alauda.io", "v1alpha1", "connectorclass
                              "ConnectorClass", False)
 SECRETS = Resource("", "v1", "secrets", "Secret", True)
 SERVICES = Resource("", "v1", "services", "Service", True)
+CONFIG_MAPS = Resource("", "v1", "configmaps", "ConfigMap", True)
 LEASES = Resource("coordination.k8s.io", "v1", "leases", "Lease", True)
 TOKEN_REVIEWS = Resource("authentication.k8s.io", "v1", "tokenreviews", "TokenReview", False)
 SUBJECT_ACCESS_REVIEWS = Resource("authorization.k8s.io", "v1", "subjectaccessreviews",
@@ -256,6 +258,12 @@ class KubeTLSPolicy:
         return ssl.optionsForClientTLS(name, trustRoot=trust, clientCertificate=client_cert)
 
 
+class _QuietClientFactory(compat.HTTP11ClientFactory):
+    # Twisted logs "Starting factory" and "Stopping factory" for every API
+    # server connection: most of what cluster mode logged (issue 17).
+    noisy = False
+
+
 class _Pool(HTTPConnectionPoolCompat):
     """A connection pool that, once closed, keeps no connection that comes back to it."""
 
@@ -406,6 +414,7 @@ class KubeClient:
         self.pool: _Pool | None = None
         if agent is None:
             self.pool = _Pool(reactor, persistent=True)
+            compat.set_pool_factory(self.pool, _QuietClientFactory)
             self.pool.maxPersistentPerHost = 16
             self.pool.retryAutomatically = False
             agent = Agent(reactor, contextFactory=KubeTLSPolicy(config), pool=self.pool,

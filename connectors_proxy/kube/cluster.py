@@ -43,6 +43,7 @@ from connectors_proxy.kube.client import (
     KubeClient,
 )
 from connectors_proxy.kube.config import KubeConfig, load_in_cluster, load_kubeconfig
+from connectors_proxy.kube.flags import FeatureFlagWatch
 from connectors_proxy.kube.identity import KubeIdentityVerifier
 from connectors_proxy.kube.leader import LeaderElector
 from connectors_proxy.kube.reconcile import MANAGED_BY, MANAGED_BY_LABEL, World, connector_name_of_service
@@ -274,6 +275,17 @@ class ClusterMode(Service):
         writes Services and status (otherwise every replica writes).
     @param serve_tls: the proxy also serves TLS: Services get port 443.
     @param client: an L{IKubeClient} to use instead of a L{KubeClient} (tests).
+    @param write: keep Services and status (C{--reconcile all}); when false
+        (C{--reconcile none}, beside the upstream controller-manager) nothing
+        is written at all: no Service, no status, no Lease (no election: there
+        is nothing to elect a writer for).
+    @param qps: writes per second on average (C{-kube-api-qps}).
+    @param burst: writes at once (C{-kube-api-burst}); default twice C{qps}.
+    @param flags_namespace: watch upstream's feature flags (ConfigMap
+        C{connectors-config}) in this namespace, the install namespace:
+        C{enable-connector-proxy-permissions} then turns the C{connectors/proxy}
+        review on and off at run time, and the replica is ready only once
+        the flags have been read.  C{None}: no flags (C{proxy_subresource} alone).
     """
 
     name = "cluster-mode"
@@ -287,8 +299,8 @@ class ClusterMode(Service):
                  audiences: tuple[str, ...] = (), proxy_subresource: bool = False,
                  stale_after: float = 60.0, resync_period: float = 600.0,
                  write: bool = True, max_in_flight: int = 8, qps: float = 100.0,
-                 lease_duration: float = 15.0, renew_deadline: float = 10.0,
-                 retry_period: float = 2.0) -> None:
+                 burst: float | None = None, lease_duration: float = 15.0, renew_deadline: float = 10.0,
+                 retry_period: float = 2.0, flags_namespace: str | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.store = store
@@ -304,8 +316,17 @@ class ClusterMode(Service):
         # not ready, as a stale watch does (it keeps serving what it can).
         self.inventory.also_stale = lambda: self.verifier.is_stale
         self.verifier.on_stale_change.append(self.inventory.update_ready)
+        self.flags: FeatureFlagWatch | None = None
+        if flags_namespace is not None:
+            flags = self.flags = FeatureFlagWatch(self.client, reactor, flags_namespace)
+            flags.on_change.append(
+                lambda now: setattr(self.verifier, "proxy_subresource", proxy_subresource or now.proxy_permissions))
+            # Not ready until the flags are known: with the permissions flag
+            # on, serving before would skip the connectors/proxy review.
+            self.inventory.also_stale = lambda: self.verifier.is_stale or not flags.synced
+            flags.reflector.listen_state(lambda reflector: self.inventory.update_ready())
         self.elector: LeaderElector | None = None
-        if leader_elect:
+        if leader_elect and write:
             self.elector = LeaderElector(
                 self.client, reactor,
                 namespace=lease_namespace or config.namespace
@@ -318,7 +339,8 @@ class ClusterMode(Service):
         if write:
             self.writer = Writer(self.client, reactor, self.inventory,
                                  is_leader=lambda: self.is_leader, may_write=lambda: self.inventory.synced,
-                                 max_in_flight=max_in_flight, qps=qps, burst=2 * qps)
+                                 max_in_flight=max_in_flight, qps=qps,
+                                 burst=burst if burst is not None else 2 * qps)
             self.inventory.on_dirty = self.writer.enqueue
         self._resync = LoopingCall(self._resync_all)
         self._resync.clock = reactor
@@ -339,6 +361,8 @@ class ClusterMode(Service):
     def startService(self) -> None:
         super().startService()
         self.inventory.start()
+        if self.flags is not None:
+            self.flags.start()
         if self.elector is not None:
             self.elector.start()
         if self.writer is not None and self.resync_period > 0:
@@ -347,6 +371,8 @@ class ClusterMode(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self.inventory.stop()
+        if self.flags is not None:
+            self.flags.stop()
         if self._resync.running:
             self._resync.stop()
         if self.writer is not None:
@@ -390,8 +416,8 @@ def cluster_service(options: Mapping[str, Any], reactor: Any) -> ClusterMode:
     The L{ClusterMode} for the daemon's command line (C{tap.Options}):
     C{--kubeconfig PATH} or C{--in-cluster}, C{--cluster-domain},
     C{--leader-elect}, C{--lease-namespace}, C{--review-cache-seconds},
-    C{--review-stale-seconds}, C{--token-audience}; Services get an C{https} port when a C{--listen}
-    endpoint serves TLS.
+    C{--review-stale-seconds}, C{--token-audience}, C{--reconcile}, C{--kube-api-qps},
+    C{--kube-api-burst}; Services get an C{https} port when a C{--listen} endpoint serves TLS.
 
     @raise KubeConfigError: the configuration cannot be loaded (the caller
         decides how to report it: the daemon exits with one line).
@@ -410,7 +436,12 @@ def cluster_service(options: Mapping[str, Any], reactor: Any) -> ClusterMode:
         serve_tls=serve_tls,
         lease_namespace=options.get("lease-namespace") or None,
         review_ttl=float(options.get("review-cache-seconds") or 10.0),
-        review_stale=float(options.get("review-stale-seconds") if options.get("review-stale-seconds")
-                           is not None else 300.0),
+        review_stale=float(stale if (stale := options.get("review-stale-seconds")) is not None else 300.0),
         audiences=audiences,
+        # The install namespace: the pod's own (in-cluster), else the
+        # kubeconfig context's, else upstream's default.
+        flags_namespace=os.environ.get("POD_NAMESPACE") or config.namespace or "connectors-system",
+        write=(options.get("reconcile") or "all") == "all",
+        qps=float(options.get("kube-api-qps") or 100.0),
+        burst=float(options["kube-api-burst"]) if options.get("kube-api-burst") else None,
     )

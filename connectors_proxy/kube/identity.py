@@ -84,6 +84,30 @@ def is_outage(e: BaseException) -> bool:
 MAX_TOKEN_LENGTH = 16 * 1024
 
 
+# Where a TokenReview names the Pod a bound ServiceAccount token was issued for.
+POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
+
+
+def _pod_of(user: Any) -> str | None:
+    """The Pod a TokenReview's C{status.user} names in C{extra}, or C{None}."""
+    extra = user.get("extra") if isinstance(user, dict) else None
+    names = extra.get(POD_NAME_EXTRA) if isinstance(extra, dict) else None
+    if isinstance(names, list) and len(names) == 1 and isinstance(names[0], str) and names[0]:
+        return names[0]
+    return None
+
+
+def pod_subresource(identity: Identity) -> str | None:
+    """
+    Upstream's pod-scoped subresource for C{identity}: C{proxy/v1/pod/PODNS/PODNAME},
+    the Pod's namespace being its ServiceAccount's; C{None} unless the token names its Pod.
+    """
+    sa = identity.service_account
+    if identity.pod is None or sa is None:
+        return None
+    return f"proxy/v1/pod/{sa[0]}/{identity.pod}"
+
+
 def token_key(token: str) -> str:
     """The cache key for a token: its SHA-256, never the token itself."""
     return token_digest(token).hex()
@@ -257,7 +281,9 @@ class KubeIdentityVerifier:
     @param ttl: seconds a positive answer is reused.
     @param negative_ttl: seconds an invalid token or a denial is reused.
     @param proxy_subresource: also require C{get} on the C{connectors/proxy}
-        subresource (a stricter RBAC rule than reading the Connector).
+        subresource, or its pod-scoped form (a stricter RBAC rule than
+        reading the Connector); cluster mode sets it at run time from
+        upstream's C{enable-connector-proxy-permissions} flag.
     @param stale: during an API server outage, seconds after it was obtained
         that an answer is still served (C{--review-stale-seconds}; 0: never).
     @param timeout: seconds one review call may take before it counts as an
@@ -306,9 +332,13 @@ class KubeIdentityVerifier:
             lambda identity: self.ttl if identity is not None else self.negative_ttl)
 
     def authorize(self, identity: Identity, namespace: str, name: str) -> Deferred[bool]:
-        key = (identity.username, identity.uid, identity.groups, namespace, name)
+        # The flag is part of the key: when enable-connector-proxy-permissions
+        # flips, the next request is reviewed anew instead of served the
+        # answer to the other question for up to a TTL.
+        proxy = self.proxy_subresource
+        key = (identity.username, identity.uid, identity.groups, identity.pod, namespace, name, proxy)
         return self.access.get(
-            key, lambda: self._access_review(identity, namespace, name),
+            key, lambda: self._access_review(identity, namespace, name, proxy),
             lambda allowed: self.ttl if allowed else self.negative_ttl)
 
     async def _token_review(self, token: str) -> Identity | None:
@@ -340,30 +370,41 @@ class KubeIdentityVerifier:
             if isinstance(granted, list) and not set(granted) & set(self.audiences):
                 return None
         groups = tuple(g for g in user.get("groups") or () if isinstance(g, str))
-        return Identity(username=username, uid=str(user.get("uid") or ""), groups=groups)
+        return Identity(username=username, uid=str(user.get("uid") or ""), groups=groups, pod=_pod_of(user))
 
-    async def _access_review(self, identity: Identity, namespace: str, name: str) -> bool:
-        checks = [None, "proxy"] if self.proxy_subresource else [None]
-        for subresource in checks:
-            attributes: dict[str, Any] = {
-                "namespace": namespace, "verb": "get", "group": "connectors.alauda.io",
-                "resource": "connectors", "name": name,
-            }
-            if subresource:
-                attributes["subresource"] = subresource
-            spec: dict[str, Any] = {"user": identity.username, "groups": list(identity.groups),
-                                    "resourceAttributes": attributes}
-            if identity.uid:
-                spec["uid"] = identity.uid
-            status = await self._call("SubjectAccessReview", None,
-                                      lambda spec=spec: self.client.create_subject_access_review(spec))
-            if status.get("evaluationError") and not status.get("allowed"):
-                log.emit(LogLevel.warn, "SubjectAccessReview for {user} on {ns}/{name}: {error}",
-                         user=identity.username, ns=namespace, name=name,
-                         error=str(status["evaluationError"])[:200])
-            if not status.get("allowed") or status.get("denied"):
-                return False
-        return True
+    async def _access_review(self, identity: Identity, namespace: str, name: str, proxy: bool = False) -> bool:
+        """
+        C{get} on the Connector; with C{proxy} (upstream's
+        C{enable-connector-proxy-permissions}) also on its C{proxy}
+        subresource, or, for a token issued to a Pod, on the pod-scoped
+        C{proxy/v1/pod/PODNS/PODNAME} one (upstream's per-Pod grant).
+        """
+        if not await self._allowed(identity, namespace, name, None):
+            return False
+        if not proxy or await self._allowed(identity, namespace, name, "proxy"):
+            return True
+        pod = pod_subresource(identity)
+        return pod is not None and await self._allowed(identity, namespace, name, pod)
+
+    async def _allowed(self, identity: Identity, namespace: str, name: str, subresource: str | None) -> bool:
+        """One SubjectAccessReview: C{get} on Connector C{namespace/name} (or its C{subresource})."""
+        attributes: dict[str, Any] = {
+            "namespace": namespace, "verb": "get", "group": "connectors.alauda.io",
+            "resource": "connectors", "name": name,
+        }
+        if subresource:
+            attributes["subresource"] = subresource
+        spec: dict[str, Any] = {"user": identity.username, "groups": list(identity.groups),
+                                "resourceAttributes": attributes}
+        if identity.uid:
+            spec["uid"] = identity.uid
+        status = await self._call("SubjectAccessReview", None,
+                                  lambda: self.client.create_subject_access_review(spec))
+        if status.get("evaluationError") and not status.get("allowed"):
+            log.emit(LogLevel.warn, "SubjectAccessReview for {user} on {ns}/{name}: {error}",
+                     user=identity.username, ns=namespace, name=name,
+                     error=str(status["evaluationError"])[:200])
+        return bool(status.get("allowed")) and not status.get("denied")
 
     async def _call(self, what: str, token: str | None,
                     call: Callable[[], Deferred[dict[str, Any]]]) -> dict[str, Any]:

@@ -18,10 +18,19 @@ import re
 import time
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 from attrs import field, frozen
 
-from connectors_proxy.model.objects import API_VERSION, Connector, ConnectorClass, InvalidObject, ObjectRef, Secret
+from connectors_proxy.model.objects import (
+    API_VERSION,
+    RESOLVER_PATH,
+    Connector,
+    ConnectorClass,
+    InvalidObject,
+    ObjectRef,
+    Secret,
+)
 
 JSON = dict[str, Any]
 
@@ -34,6 +43,11 @@ CLASS_READY = "ConnectorClassReady"
 SECRET_READY = "SecretReady"
 SERVICE_READY = "ProxyServiceReady"
 READY = "Ready"
+#: Conditions the upstream connectors-controller-manager writes on a
+#: Connector: kept as they are, and counted in C{Ready} when present (unless
+#: written with severity C{Info}, as upstream writes C{CACertReady}: Info
+#: conditions inform and do not gate readiness).
+FOREIGN_READINESS = ("LivenessReady", "AuthReady", "CACertReady")
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -118,10 +132,32 @@ def owner_reference(connector: Connector) -> JSON:
             "uid": connector.uid, "controller": True, "blockOwnerDeletion": True}
 
 
+def class_proxy_url(cls: ConnectorClass, cluster_domain: str) -> str:
+    """
+    Where the class's proxy is, as upstream resolves C{spec.proxy}: the
+    referenced Service's cluster address, then C{spec.proxy.uri} on top
+    (absolute, or relative to that address).
+    """
+    base = ""
+    if cls.proxy is not None:
+        base = f"http://{cls.proxy.name}.{cls.proxy.namespace}.svc.{cluster_domain}"
+    if cls.proxy_uri:
+        return urljoin(base + "/", cls.proxy_uri) if base else cls.proxy_uri
+    return base
+
+
 def desired_service(connector: Connector, cls: ConnectorClass, cluster_domain: str,
                     serve_tls: bool) -> JSON:
-    """The Service C{c-NAME} for a Connector whose class has C{spec.proxy}."""
-    assert cls.proxy is not None
+    """
+    The Service C{c-NAME} for a Connector whose class has C{spec.proxy}: a
+    DNS alias of the referenced Service or, for a class that names its
+    proxy by C{spec.proxy.uri} alone, of that URI's host.
+    """
+    assert cls.has_proxy
+    if cls.proxy is not None:
+        target = f"{cls.proxy.name}.{cls.proxy.namespace}.svc.{cluster_domain}"
+    else:
+        target = urlsplit(class_proxy_url(cls, cluster_domain)).hostname or ""
     ports = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]
     if serve_tls:
         ports.append({"name": "https", "port": 443, "protocol": "TCP", "targetPort": 443})
@@ -136,7 +172,7 @@ def desired_service(connector: Connector, cls: ConnectorClass, cluster_domain: s
         },
         "spec": {
             "type": "ExternalName",
-            "externalName": f"{cls.proxy.name}.{cls.proxy.namespace}.svc.{cluster_domain}",
+            "externalName": target,
             "ports": ports,
         },
     }
@@ -276,9 +312,9 @@ def service_condition(connector: Connector, world: World, state: str) -> Conditi
         return Condition(SERVICE_READY, "False", "ServiceConflict",
                          f"Service {where} exists and is not managed by {MANAGED_BY}")
     cls = world.classes[connector.class_name]
-    assert cls.proxy is not None
-    return Condition(SERVICE_READY, "True", "ServiceReady",
-                     f"Service {where} points at {cls.proxy.name}.{cls.proxy.namespace}")
+    target = (f"{cls.proxy.name}.{cls.proxy.namespace}" if cls.proxy is not None
+              else class_proxy_url(cls, world.cluster_domain))
+    return Condition(SERVICE_READY, "True", "ServiceReady", f"Service {where} points at {target}")
 
 
 def ready_condition(conditions: list[Condition]) -> Condition:
@@ -290,8 +326,40 @@ def ready_condition(conditions: list[Condition]) -> Condition:
     return Condition(READY, "True", "Ready", "")
 
 
-def proxy_url(connector: Connector, cluster_domain: str) -> str:
-    return f"http://{service_name(connector.name)}.{connector.namespace}.svc.{cluster_domain}"
+def foreign_conditions(live_status: Mapping[str, Any] | None) -> list[Condition]:
+    """
+    The conditions of L{FOREIGN_READINESS} another controller wrote in
+    C{live_status}, in that order, as they stand: what C{Ready} also waits for.
+    """
+    found: dict[str, Condition] = {}
+    for old in (live_status or {}).get("conditions") or []:
+        if not isinstance(old, Mapping):
+            continue
+        kind = old.get("type")
+        if kind in FOREIGN_READINESS and kind not in found and old.get("severity") != "Info":
+            status = str(old.get("status")) if old.get("status") in ("True", "False") else "Unknown"
+            found[kind] = Condition(kind, status, str(old.get("reason") or ""), str(old.get("message") or ""))
+    return [found[k] for k in FOREIGN_READINESS if k in found]
+
+
+def proxy_url(connector: Connector, cluster_domain: str, cls: ConnectorClass | None = None) -> str:
+    """
+    The Connector's C{status.proxy.httpAddress.url}, as upstream writes it:
+    C{http://c-NAME.NS.svc.DOMAIN}, with the scheme, port and path of the
+    class's proxy URL when C{spec.proxy.uri} gives them, and
+    C{/namespaces/NS/connectors/NAME} appended for classes annotated
+    C{connectors.cpaas.io/proxy-resolver: path}.
+    """
+    scheme, port, path = "http", "", ""
+    if cls is not None and cls.proxy_uri:
+        parts = urlsplit(class_proxy_url(cls, cluster_domain))
+        scheme = parts.scheme or scheme
+        port = f":{parts.port}" if parts.port else ""
+        path = parts.path.rstrip("/")
+    url = f"{scheme}://{service_name(connector.name)}.{connector.namespace}.svc.{cluster_domain}{port}{path}"
+    if cls is not None and cls.resolver == RESOLVER_PATH:
+        url += f"/namespaces/{connector.namespace}/connectors/{connector.name}"
+    return url
 
 
 def desired_status(live_status: Mapping[str, Any] | None, generation: int,
@@ -363,6 +431,11 @@ def decide(raw: Mapping[str, Any], connector: Connector | InvalidObject, world: 
     if isinstance(connector, InvalidObject):
         conds = [Condition(READY, "False", "InvalidConnector",
                            f"{connector.field}: {connector.problem}")]
+        if connector.field == "spec.connectorClassName":
+            # Upstream's schema lets a Connector omit its class; upstream's
+            # controller reports that as a class it cannot find.
+            missing = Condition(CLASS_READY, "False", "ConnectorClassNotFound", "spec.connectorClassName is not set")
+            conds = [missing, Condition(READY, "False", missing.reason, missing.message)]
         status = desired_status(live_status, generation, conds, None, now)
         return Decision(None, None if status_matches(live_status, status) else status)
 
@@ -371,7 +444,7 @@ def decide(raw: Mapping[str, Any], connector: Connector | InvalidObject, world: 
     svc = service_name(connector.name)
     if cls is None:
         state = SERVICE_NO_CLASS
-    elif cls.proxy is None:
+    elif not cls.has_proxy:
         state = SERVICE_NON_PROXY
         if live_service is not None and service_owned(live_service, connector):
             action = ServiceAction("delete", _delete_body(live_service))
@@ -389,8 +462,8 @@ def decide(raw: Mapping[str, Any], connector: Connector | InvalidObject, world: 
 
     conds = [class_condition(connector, world), secret_condition(connector, world),
              service_condition(connector, world, state)]
-    conds.append(ready_condition(conds))
-    url = proxy_url(connector, world.cluster_domain) if state == SERVICE_OK else None
+    conds.append(ready_condition(conds + foreign_conditions(live_status)))
+    url = proxy_url(connector, world.cluster_domain, cls) if state == SERVICE_OK else None
     status = desired_status(live_status, generation, conds, url, now)
     return Decision(action, None if status_matches(live_status, status) else status)
 

@@ -134,6 +134,11 @@ class Reflector:
     _running: bool = False
     _watch: IWatch | None = None
     _away_since: float | None = None
+    # Failed attempts since the API server was last reachable, and the last
+    # error logged at warn: an outage is logged when it starts, when its
+    # error changes and when it ends (with the count), not once per retry.
+    _failures: int = 0
+    _logged_error: str | None = None
     _stale_call: IDelayedCall | None = None
     _sleep: Deferred[None] | None = None
 
@@ -202,9 +207,16 @@ class Reflector:
             except Exception as e:  # noqa: BLE001 - every failure means: back off, retry
                 self._set_away()
                 delay = self.backoff.delay()
+                self._failures += 1
                 if self._running:
-                    log.emit(LogLevel.warn, "{resource}: {error}; retrying in {delay:.1f}s",
-                             resource=self.name, error=_describe(e), delay=delay)
+                    # Once per kind of error (unreachable, or an HTTP status);
+                    # each retry of the same kind at debug.
+                    kind = _kind(e)
+                    level = LogLevel.warn if kind != self._logged_error else LogLevel.debug
+                    self._logged_error = kind
+                    log.emit(level, "{resource}: {error}; retrying in {delay:.1f}s (attempt {failures}; "
+                             "said again only when the error changes or the API server is back)",
+                             resource=self.name, error=_describe(e), delay=delay, failures=self._failures)
                 await self._pause(delay)
 
     async def _list(self) -> None:
@@ -322,12 +334,16 @@ class Reflector:
     def _set_connected(self) -> None:
         changed = not self.connected or self.stale
         self.connected = True
+        away = None if self._away_since is None else self.clock.seconds() - self._away_since
         self._away_since = None
         if self._stale_call is not None and self._stale_call.active():
             self._stale_call.cancel()
         self._stale_call = None
-        if self.stale:
-            log.info("{resource}: API server reachable again", resource=self.name)
+        if self._failures:
+            log.info("{resource}: API server reachable again after {failures} failed attempts in {seconds:.1f}s",
+                     resource=self.name, failures=self._failures, seconds=away or 0.0)
+        self._failures = 0
+        self._logged_error = None
         self.stale = False
         if changed:
             self._state_changed()
@@ -358,4 +374,15 @@ class Reflector:
 def _describe(e: BaseException) -> str:
     if isinstance(e, KubeError):
         return str(e)
+    # Agent's ResponseFailed and ResponseNeverReceived wrap the real reason.
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        e = reasons[0].value
     return f"{type(e).__name__}: {e}"
+
+
+def _kind(e: BaseException) -> str:
+    """What an outage log line is about: an HTTP status, or not reaching the API server at all."""
+    if isinstance(e, KubeError):
+        return f"HTTP {e.code}"
+    return "unreachable"

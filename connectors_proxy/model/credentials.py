@@ -10,7 +10,7 @@ import base64
 import binascii
 import json
 from typing import Union
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
 from attrs import field, frozen
 
@@ -63,7 +63,100 @@ class BearerCredentials:
         return (self.token.encode("utf-8"), self.authorization())
 
 
-Credentials = Union[BasicCredentials, BearerCredentials]
+POSITIONS = ("header", "query", "body")
+
+
+@frozen
+class Placement:
+    """
+    What a class's Rego generator answered for one request
+    (C{{"position", "contentType", "auth"}}, UPSTREAM-COMPAT section 4):
+    each pair becomes a header, a query parameter or a JSON body field,
+    replacing whatever the client sent under that name.
+
+    @ivar pairs: C{(name, value)}; a value is text for a header or query
+        parameter, and JSON text (any JSON value) for a body field.
+    """
+
+    position: str
+    pairs: tuple[tuple[str, str], ...] = field(repr=False)
+    content_type: str | None = None
+
+
+@frozen
+class RegoCredentials:
+    """
+    A Connector's Secret whose injection a class's Rego C{generator}
+    decides (L{connectors_proxy.auth.rego}).  Resolved without evaluating
+    anything (L{resolve}); the request path evaluates the generator and
+    puts the answer in C{placement} before the request goes upstream.
+    Until then nothing is injected.
+
+    @ivar data: the Secret's data, decoded (the generator's C{input.data}).
+    """
+
+    class_name: str
+    auth_name: str
+    generator: str = field(repr=False)
+    data: tuple[tuple[str, str], ...] = field(repr=False)
+    placement: Placement | None = field(default=None, repr=False)
+
+    def _placed(self, position: str) -> tuple[tuple[str, str], ...]:
+        placement = self.placement
+        return placement.pairs if placement is not None and placement.position == position else ()
+
+    @property
+    def header_pairs(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The headers to set upstream (names and values checked when placed)."""
+        return tuple((k.encode("latin-1"), v.encode("utf-8")) for k, v in self._placed("header"))
+
+    @property
+    def query_pairs(self) -> tuple[tuple[str, str], ...]:
+        """The query parameters to set upstream."""
+        return self._placed("query")
+
+    def secret_values(self) -> tuple[bytes, ...]:
+        """
+        Every value of the Secret and every value placed: whatever the
+        generator made of the Secret (a header, a signature) is as secret
+        as the Secret itself.
+        """
+        values = [v.encode("utf-8") for _, v in self.data if v]
+        if self.placement is not None:
+            for _, value in self.placement.pairs:
+                values.append(value.encode("utf-8"))
+                if self.placement.position == "body" and value.startswith('"'):
+                    # A body field's JSON text: the string itself too.
+                    try:
+                        decoded = json.loads(value)
+                    except ValueError:
+                        continue
+                    if isinstance(decoded, str):
+                        values.append(decoded.encode("utf-8"))
+        return tuple(v for v in dict.fromkeys(values) if v)
+
+
+def with_query(url: bytes, pairs: tuple[tuple[str, str], ...]) -> bytes:
+    """
+    C{url} with each of C{pairs} set as a query parameter: the client's
+    parameters of those names (however percent-encoded) removed, the
+    others kept as they were.
+    """
+    if not pairs:
+        return url
+    base, sep, query = url.partition(b"?")
+    fragment = b""
+    if b"#" in query:
+        query, _, fragment = query.partition(b"#")
+        fragment = b"#" + fragment
+    names = {name for name, _ in pairs}
+    kept = [item for item in query.split(b"&") if item and
+            unquote_plus(item.split(b"=", 1)[0].decode("latin-1"), encoding="latin-1") not in names]
+    kept += [f"{quote(name, safe='')}={quote(value, safe='')}".encode("ascii") for name, value in pairs]
+    return base + b"?" + b"&".join(kept) + fragment
+
+
+Credentials = Union[BasicCredentials, BearerCredentials, RegoCredentials]
 
 
 class CredentialsUnavailable(Exception):
@@ -130,7 +223,7 @@ def from_dockerconfig(secret: Secret, address: str) -> Credentials:
 
 
 def from_secret(secret: Secret, address: str) -> Credentials:
-    """Credentials of one Secret, by its type (SPEC section 2)."""
+    """Credentials of one Secret, by its type (README.md, "How a client reaches a Connector")."""
     if secret.type in (SECRET_BASIC, SECRET_REGISTRY):
         return BasicCredentials(_text(secret, "username"), _text(secret, "password"))
     if secret.type == SECRET_BEARER:
@@ -165,4 +258,15 @@ def resolve(connector: Connector, connector_class: ConnectorClass | None,
             "SecretNotFound",
             f"Secret {connector.secret_ref} of Connector {connector.ref} was not found",
         )
+    if connector_class is not None and connector_class.has_generators and connector_class.protocol != "oci":
+        # A registry's credentials go through its token dance: generators
+        # are for the REST and Git protocols.
+        auth = connector_class.auth_type(connector.auth_name)
+        if auth is not None and auth.generator is not None:
+            return RegoCredentials(connector_class.name, auth.name, auth.generator, decoded_data(secret))
     return from_secret(secret, connector.address)
+
+
+def decoded_data(secret: Secret) -> tuple[tuple[str, str], ...]:
+    """A Secret's data as text, sorted by key (a generator's C{input.data})."""
+    return tuple(sorted((k, v.decode("utf-8", "replace")) for k, v in secret.data.items()))

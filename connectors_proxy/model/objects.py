@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_objects -*-
+# -*- test-case-name: tests.test_manifests,tests.test_k8s_manifests -*-
 """
 The Kubernetes objects the proxy reads, as frozen values, and the pure
 functions that turn a decoded manifest (a ``dict``) into them.
@@ -30,6 +30,10 @@ SECRET_BEARER = "connectors.cpaas.io/bearer-token"
 SECRET_REGISTRY = "cpaas.io/distribution-registry-token"
 SECRET_DOCKERCONFIG = "kubernetes.io/dockerconfigjson"
 SECRET_TLS = "kubernetes.io/tls"
+# Upstream's class annotation: the form of a Connector's status address.
+RESOLVER_ANNOTATION = "connectors.cpaas.io/proxy-resolver"
+RESOLVER_HOST = "host"
+RESOLVER_PATH = "path"
 NAMESPACED_KINDS = ("Connector", "Secret")
 
 
@@ -67,6 +71,9 @@ class AuthType:
     name: str
     secret_type: str | None
     optional: bool
+    # C{generator.rego}: how the Secret's data is injected (None: by the
+    # Secret's type, SPEC section 2).
+    generator: str | None = None
 
 
 @frozen
@@ -80,17 +87,53 @@ class ProxyDestination:
 
 @frozen
 class ConnectorClass:
+    """
+    @ivar proxy: C{spec.proxy.ref}, if given.
+    @ivar proxy_uri: C{spec.proxy.uri}, if given: absolute, or relative to
+        C{proxy}'s address.
+    @ivar resolver: the form of its Connectors' status addresses,
+        L{RESOLVER_HOST} (upstream's default) or L{RESOLVER_PATH}.
+    """
+
     name: str
     protocol: str
     auth_types: tuple[AuthType, ...]
     proxy: ProxyDestination | None
     generation: int = 0
+    proxy_uri: str | None = None
+    resolver: str = RESOLVER_HOST
+    # C{spec.proxy.authExtractor.rego}: where a client's token sits
+    # (None: Authorization and Proxy-Authorization only).
+    extractor: str | None = None
+
+    @property
+    def has_generators(self) -> bool:
+        """Whether one of the auth types has a Rego C{generator}."""
+        return any(t.generator is not None for t in self.auth_types)
+
+    @property
+    def has_proxy(self) -> bool:
+        """Whether C{spec.proxy} names a proxy at all (a ref, a URI or both)."""
+        return self.proxy is not None or self.proxy_uri is not None
 
     def auth_type(self, name: str | None) -> AuthType | None:
         for auth in self.auth_types:
             if auth.name == name:
                 return auth
         return None
+
+
+@frozen
+class AddressExtension:
+    """
+    One entry of a Connector's C{spec.addressExtensions}: another URL under
+    which the tool answers (GitHub's API host beside its Git host).  Forward-
+    proxy requests under it get the Connector's credentials, like those under
+    C{spec.address}.
+    """
+
+    name: str
+    value: str
 
 
 @frozen
@@ -105,10 +148,16 @@ class Connector:
     client_cert_secret_ref: ObjectRef | None = None
     uid: str = ""
     generation: int = 0
+    address_extensions: tuple[AddressExtension, ...] = ()
 
     @property
     def ref(self) -> ObjectRef:
         return ObjectRef(self.namespace, self.name)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Where the Connector's credentials go: C{spec.address}, then each extension's value."""
+        return (self.address, *(e.value for e in self.address_extensions))
 
 
 @frozen
@@ -227,6 +276,7 @@ def parse_connector_class(doc: Mapping[str, Any]) -> ConnectorClass:
             name=_get(entry, "name", what + f" ({path})", str, required=True),
             secret_type=_get(entry, "secretType", what + f" ({path})", str),
             optional=bool(_get(entry, "optional", what + f" ({path})", bool)),
+            generator=_get(entry, "generator.rego", what + f" ({path})", str) or None,
         ))
     protocol = annotations.get(PROTOCOL_ANNOTATION)
     if protocol is None:
@@ -244,17 +294,47 @@ def parse_connector_class(doc: Mapping[str, Any]) -> ConnectorClass:
             name=_get(ref, "name", what + " (spec.proxy.ref)", str, required=True),
             namespace=_get(ref, "namespace", what, str) or "default",
         )
-    return ConnectorClass(name, protocol, tuple(types), proxy, generation)
+    uri = _get(doc, "spec.proxy.uri", what, str) or None
+    # Upstream knows host and path; anything else is its default, host.
+    resolver = RESOLVER_PATH if str(annotations.get(RESOLVER_ANNOTATION, "")).strip().lower() == RESOLVER_PATH \
+        else RESOLVER_HOST
+    extractor = _get(doc, "spec.proxy.authExtractor.rego", what, str) or None
+    return ConnectorClass(name, protocol, tuple(types), proxy, generation, proxy_uri=uri, resolver=resolver,
+                          extractor=extractor)
+
+
+def _address_extensions(doc: Mapping[str, Any], what: str, address: str) -> tuple[AddressExtension, ...]:
+    """
+    C{spec.addressExtensions}: C{[{name, value}]}, names unique, each value
+    an http(s) URL other than C{spec.address} (upstream's admission rules;
+    whether the class declares each name is the class's business).
+    """
+    extensions: list[AddressExtension] = []
+    for i, entry in enumerate(_get(doc, "spec.addressExtensions", what, list) or []):
+        path = f"spec.addressExtensions[{i}]"
+        if not isinstance(entry, Mapping):
+            raise InvalidObject(what, path, "must be a mapping")
+        name = _get(entry, "name", what + f" ({path})", str, required=True)
+        value = _get(entry, "value", what + f" ({path})", str, required=True)
+        if any(e.name == name for e in extensions):
+            raise InvalidObject(what, path + ".name", f"{name!r} is listed twice")
+        value = validate_address(value, what, path + ".value")
+        if value == address:
+            raise InvalidObject(what, path + ".value", "is spec.address itself")
+        extensions.append(AddressExtension(name, value))
+    return tuple(extensions)
 
 
 def parse_connector(doc: Mapping[str, Any]) -> Connector:
     what = describe(doc)
     name, ns, uid, generation = _meta(doc, what, namespaced=True)
+    address = validate_address(_get(doc, "spec.address", what, str, required=True), what)
     return Connector(
         namespace=ns,
         name=name,
         class_name=_get(doc, "spec.connectorClassName", what, str, required=True),
-        address=validate_address(_get(doc, "spec.address", what, str, required=True), what),
+        address=address,
+        address_extensions=_address_extensions(doc, what, address),
         auth_name=_get(doc, "spec.auth.name", what, str),
         secret_ref=_ref(doc, "spec.auth.secretRef", what, ns),
         ca_secret_ref=_ref(doc, "spec.caCertSecretRef", what, ns),

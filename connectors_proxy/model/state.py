@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_state -*-
+# -*- test-case-name: tests.test_manifests,tests.test_credentials -*-
 """
 What the proxy knows about the world: a frozen L{Snapshot} of
 ConnectorClasses, Connectors and Secrets, replaced whole by whichever source

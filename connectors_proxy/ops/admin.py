@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.test_metrics -*-
 """
 The admin listener: C{/healthz} (the process is alive), C{/readyz} (the
 objects are loaded and fresh: 503 before the first full load, while the

@@ -200,7 +200,12 @@ class DrainingService(MultiService):
 
 @define
 class Reloader:
-    """What C{SIGHUP} runs: named actions, each failure logged, none stopping the others."""
+    """
+    What C{SIGHUP} runs: named actions, each failure logged, none stopping
+    the others.  An action fails by raising or by returning (or firing
+    with) C{False}, having said why itself; then the closing line says what
+    failed instead of "reloaded".
+    """
 
     notify: Callable[[str], object] = _ignore
     actions: list[tuple[str, Callable[[], object]]] = field(factory=list)
@@ -213,14 +218,49 @@ class Reloader:
 
     async def _reload(self) -> None:
         self.notify("RELOADING=1\nSTATUS=reloading")
+        failed = []
         for name, action in self.actions:
             try:
-                await maybeDeferred(action)
+                result = await maybeDeferred(action)
             except Exception:
                 log.failure("reloading {what} failed", what=name)
-        log.info("reloaded on SIGHUP: {what}", what=", ".join(name for name, _ in self.actions) or "nothing",
-                 event="reload")
+                failed.append(name)
+                continue
+            if result is False:
+                failed.append(name)
+        done = [name for name, _ in self.actions if name not in failed]
+        if failed:
+            log.warn("SIGHUP: reloading {failed} failed (see above), keeping the last good state; "
+                     "reloaded: {what}", failed=", ".join(failed), what=", ".join(done) or "nothing",
+                     event="reload", ok=False)
+        else:
+            log.info("reloaded on SIGHUP: {what}", what=", ".join(done) or "nothing", event="reload", ok=True)
         self.notify("READY=1\nSTATUS=serving")
+
+
+@define
+class SourceHealth:
+    """
+    Whether the last reload of each named source worked (fed by the
+    sources' C{on_reload} callbacks), so that a reload that fixes an earlier
+    error says it recovered, and C{SIGHUP} can tell a failed reload.
+    """
+
+    failed: dict[str, bool] = field(factory=dict)
+
+    def reporter(self, name: str) -> Callable[[bool], None]:
+        """The callback for source C{name}'s reloads."""
+        def report(ok: bool) -> None:
+            was_failing = self.failed.get(name, False)
+            self.failed[name] = not ok
+            if ok and was_failing:
+                log.info("{what} recovered: the reload after the error above worked", what=name,
+                         event="reload_recovered", source=name)
+        return report
+
+    def ok(self, *names: str) -> bool:
+        """Whether none of C{names} is in a failed state."""
+        return not any(self.failed.get(name, False) for name in names)
 
 
 @define

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logformat -*-
+# -*- test-case-name: tests.test_manifests -*-
 """
 The daemon's log observers: C{--log-format text} (one human line per
 event) and C{--log-format json} (one JSON object per line, nothing else on
@@ -72,6 +72,9 @@ def json_line(event: Mapping[str, Any]) -> str:
         if event.get("fault"):
             # Only on requests the proxy or the upstream cut (timeouts, drain).
             out["fault"] = event["fault"]
+        if event.get("truncated"):
+            # Only on responses that started and did not end complete.
+            out["truncated"] = event["truncated"]
     elif isinstance(event.get("event"), str):
         # Operational events (drain, reload, signal) name themselves with
         # "event" and carry their own plain fields.

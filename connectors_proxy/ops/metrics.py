@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
-Prometheus metrics (SPEC section 8), served as C{/metrics} on the admin
+Prometheus metrics (docs/operations.md, "Metrics"), served as C{/metrics} on the admin
 listener.
 
 Each daemon has its own L{CollectorRegistry} (never the global default), so
@@ -79,6 +79,10 @@ class ProxyMetrics:
                                  per_connector, registry=r)
         self._bytes_out = Counter(f"{PREFIX}_response_bytes", "Response body bytes sent to clients.",
                                   per_connector, registry=r)
+        self._truncated = Counter(f"{PREFIX}_truncated_responses",
+                                  "Responses that started but did not end complete, by who cut them "
+                                  "(upstream: reset mid-body, client: went away, proxy).",
+                                  [*per_connector, "by"], registry=r)
         self._token_requests = Counter(f"{PREFIX}_upstream_token_requests",
                                        "Token requests the proxy made to registry token realms.",
                                        ["namespace", "connector", "result"], registry=r)
@@ -122,6 +126,9 @@ class ProxyMetrics:
             bytes_in.inc(record.bytes_in)
         if record.bytes_out:
             bytes_out.inc(record.bytes_out)
+        if record.truncated:
+            # Rare (a reset or a client leaving mid-body): no child cache.
+            self._truncated.labels(namespace, connector, protocol, record.truncated).inc()
 
     # Called by collaborators.
 

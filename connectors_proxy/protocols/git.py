@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_git -*-
 """
-The Git protocol (SPEC section 6): smart HTTP (C{info/refs?service=...},
+The Git protocol (docs/git.md): smart HTTP (C{info/refs?service=...},
 C{git-upload-pack}, C{git-receive-pack}), dumb HTTP GETs and Git LFS,
 relayed with the Connector's credentials through the shared relay.
 

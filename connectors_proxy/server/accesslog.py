@@ -1,6 +1,6 @@
-# -*- test-case-name: tests.test_accesslog -*-
+# -*- test-case-name: tests.test_manifests,tests.test_metrics -*-
 """
-One access-log event per request (SPEC section 9), emitted through
+One access-log event per request (docs/operations.md, "Logs"), emitted through
 L{twisted.logger} so the same event becomes a text line or a JSON object
 depending on C{--log-format}.
 """
@@ -13,8 +13,8 @@ from urllib.parse import unquote_to_bytes
 from attrs import frozen
 from twisted.logger import Logger
 
-# Query parameters whose values are never logged: the SPEC's four, and the
-# names common tools use for the same thing.
+# Query parameters whose values are never logged: the four docs/operations.md
+# names ("Logs"), and the names common tools use for the same thing.
 SECRET_PARAMETERS = frozenset({
     "token", "access_token", "password", "secret", "refresh_token", "id_token", "private_token",
     "client_secret", "api_key", "apikey", "sig", "signature", "x-amz-signature", "x-amz-credential",
@@ -65,6 +65,10 @@ class AccessRecord:
     duration_ms: float
     # Set when the proxy ended the request itself (see L{FAULT_STATUS}).
     fault: str | None = None
+    # Set when a response that had started did not end complete: cut by
+    # the "upstream" (reset mid-body), the "client" (gone mid-body) or the
+    # "proxy"; its status stays the one that was sent.
+    truncated: str | None = None
 
 
 # Why the proxy may end a request itself, and the status logged for it
@@ -75,6 +79,17 @@ FAULT_STATUS = {
     "upstream-idle-timeout": 504,
     "drain": 503,
 }
+
+
+def truncated_by(failed: bool, started: bool, truncated: str | None) -> str | None:
+    """
+    Who cut a response short: nobody for a complete one (or one that never
+    started: its status says it), else what the relay recorded, and
+    otherwise the client (its connection went first).
+    """
+    if not failed or not started:
+        return None
+    return truncated or "client"
 
 
 def status_of(code: int, failed: bool, started: bool, fault: str | None) -> int:
@@ -98,4 +113,6 @@ def emit(record: AccessRecord) -> None:
     text = ACCESS_FORMAT.format(**fields)
     if record.fault:
         text += f" fault={record.fault}"
+    if record.truncated:
+        text += f" truncated={record.truncated}"
     log.info(ACCESS_FORMAT, access=True, access_text=text, **fields)

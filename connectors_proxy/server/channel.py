@@ -26,6 +26,7 @@ C{Transfer-Encoding}, two of either, a malformed length or chunk).
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
@@ -58,15 +59,75 @@ STREAM_BUFFER = 512 * 1024
 # The first byte of a TLS record carrying a handshake (a ClientHello): no
 # HTTP request starts with it.
 _TLS_HANDSHAKE = b"\x16"
+_PLAIN_HTTP_BODY = (b"connectors-proxy: this port speaks plain HTTP, not TLS: use http:// here "
+                    b"(https:// needs a cptls: or ssl: listener)\n")
+# What a TLS client on a plain listener gets.
+PLAIN_HTTP_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY))
 
 # Control characters that may not appear in a header value (RFC 9110 section
 # 5.5; HTAB is allowed).  Twisted itself only refuses NUL, CR and LF.
 _CONTROL_CHARACTERS = bytes(range(0x20)).replace(b"\t", b"") + b"\x7f"
 
+# While reading from a client is paused, how often its socket is checked
+# for the client having gone (see L{peer_closed}).
+PEER_CHECK_SECONDS = 1.0
+
+# TCP states (Linux TCP_INFO) in which the peer has closed or reset: a FIN
+# received (CLOSE_WAIT) or a reset (CLOSE).
+_TCP_CLOSE, _TCP_CLOSE_WAIT = 7, 8
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+
 # The largest chunk size accepted: beyond it, other parsers (JavaScript's
 # doubles, 64-bit overflow) would read a different size than Twisted's
 # unbounded int does, and no real body is that large.
 MAX_CHUNK_SIZE = 2**53
+
+
+def _socket_of(transport: Any) -> socket.socket | None:
+    """The socket under C{transport} (through TLS wrappers), if any."""
+    for _ in range(4):
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
+
+
+def peer_closed(transport: Any) -> bool:
+    """
+    Whether the client on C{transport} has closed or reset its connection,
+    without reading from it.
+
+    A transport whose reading is paused (the upstream is not taking the
+    request body) does not see the client's FIN or RST: the reactor does
+    not read it.  Reading a little to find out would take body bytes that
+    have nowhere to go, and a peek (C{MSG_PEEK}) sees the body bytes queued
+    before the FIN, not the FIN.  The kernel knows regardless: on Linux the
+    connection's TCP state (C{TCP_INFO}) is C{CLOSE_WAIT} once a FIN has
+    arrived and C{CLOSE} after a reset, however much unread data is queued.
+    Elsewhere a non-blocking peek is the fallback (it sees a reset, and a
+    FIN with nothing queued before it).  A FIN counts as gone: Twisted's
+    HTTP channel treats a half-close the same way once it reads it.
+    """
+    sock = _socket_of(transport)
+    if sock is None:
+        return False
+    if _TCP_INFO is not None:
+        try:
+            state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)[0]
+        except OSError:
+            pass  # not TCP (a UNIX socket): peek instead
+        else:
+            return state in (_TCP_CLOSE, _TCP_CLOSE_WAIT)
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 @implementer(IBodyProducer)
@@ -159,6 +220,10 @@ class ProxyRequest(server.Request):
     # timeout, a drain): the access log's "fault" field, so the log does not
     # blame the client.
     fault: str | None = None
+    # Who cut a response that had started ("upstream": it broke off
+    # mid-body; "client": it went away; "proxy": the proxy could not go
+    # on), so the log and metrics do not count it as a complete response.
+    truncated: str | None = None
     # Twisted's Request has a logger of its own, but under a private name.
     _log = Logger()
     _early = False
@@ -232,11 +297,18 @@ class ProxyRequest(server.Request):
         transport = self._transport()
         if transport is not None:
             transport.pauseProducing()
+            # Paused, the reactor would not see the client leave.
+            watch = getattr(self.channel, "watch_peer", None)
+            if watch is not None:
+                watch()
 
     def resume_reading(self) -> None:
         transport = self._transport()
         if transport is not None and not self.finished:
             transport.resumeProducing()
+            resumed = getattr(self.channel, "reading_resumed", None)
+            if resumed is not None:
+                resumed()
 
     def body_wanted(self) -> None:
         transport = self._transport()
@@ -331,6 +403,8 @@ class ProxyChannel(compat.HTTPChannelCompat):
     _awaiting_headers = False
     _last_byte = b""
     _drain_deadline: IDelayedCall | None = None
+    _peer_check: IDelayedCall | None = None
+    _reading_paused = False
 
     @property
     def _clock(self) -> IReactorTime:
@@ -361,9 +435,11 @@ class ProxyChannel(compat.HTTPChannelCompat):
             self._seen_bytes = True
             if data.startswith(_TLS_HANDSHAKE):
                 # A TLS client on a plain listener: it would wait forever for
-                # a ServerHello.  A fatal TLS alert (protocol_version) makes
-                # it give up at once with a clear error.
-                self.transport.write(b"\x15\x03\x01\x00\x02\x02\x46")
+                # a ServerHello.  A plain HTTP answer makes it give up at
+                # once: Go clients (skopeo, podman, docker) then say "server
+                # gave HTTP response to HTTPS client", OpenSSL ones "wrong
+                # version number" (a TLS alert read as a TLS version problem).
+                self.transport.write(PLAIN_HTTP_ANSWER)
                 self.transport.loseConnection()
                 return
         if self.line_mode and data:
@@ -527,6 +603,34 @@ class ProxyChannel(compat.HTTPChannelCompat):
             return
         super().allContentReceived()
 
+    def watch_peer(self) -> None:
+        """
+        Reading from the client is paused (for an upstream that does not
+        take the body yet, or while the request is checked): check every
+        C{PEER_CHECK_SECONDS} whether the client has gone, and if so drop
+        the connection, which ends its request and cancels the upstream one
+        (instead of holding a slot and the upstream until the idle timeout).
+        """
+        self._reading_paused = True
+        if self._peer_check is None or not self._peer_check.active():
+            self._peer_check = self._clock.callLater(PEER_CHECK_SECONDS, self._check_peer)
+
+    def reading_resumed(self) -> None:
+        # The timer is left to lapse rather than cancelled: under
+        # backpressure pauses and resumes come many times a second.
+        self._reading_paused = False
+
+    def _check_peer(self) -> None:
+        self._peer_check = None
+        if not self._reading_paused or self.transport is None or self._draining is not None:
+            return
+        if peer_closed(self.transport):
+            self._log.debug("client {peer} went away while its request was paused",
+                            peer=getattr(self.transport.getPeer(), "host", "-"))
+            self.transport.abortConnection()
+            return
+        self._peer_check = self._clock.callLater(PEER_CHECK_SECONDS, self._check_peer)
+
     def refused_mid_body(self) -> None:
         """
         A response is ending before the request body was read: after the
@@ -552,6 +656,8 @@ class ProxyChannel(compat.HTTPChannelCompat):
             else:
                 self.transport.loseConnection()
             return
+        # Twisted resumes reading for the next request.
+        self._reading_paused = False
         super().requestDone(request)
 
     def connectionMade(self) -> None:
@@ -570,6 +676,9 @@ class ProxyChannel(compat.HTTPChannelCompat):
         self._stop_header_deadline()
         if self._drain_deadline is not None and self._drain_deadline.active():
             self._drain_deadline.cancel()
+        if self._peer_check is not None and self._peer_check.active():
+            self._peer_check.cancel()
+        self._peer_check = None
         closed = getattr(self.site, "channel_closed", None)  # type: ignore[attr-defined]
         if closed is not None:
             closed(self)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_errors -*-
+# -*- test-case-name: tests.test_manifests,tests.test_memory_router -*-
 """
 Errors the proxy itself answers with: a status, a machine-readable code and a
 message that names the problem and what to fix.  Never a traceback, never a
@@ -39,6 +39,11 @@ def unauthorized(message: str) -> ProxyError:
     return ProxyError(401, "UNAUTHORIZED", message)
 
 
+def proxy_unauthorized(message: str) -> ProxyError:
+    """A forward-proxy request without valid C{Proxy-Authorization}: 407, answered with a challenge."""
+    return ProxyError(407, "UNAUTHORIZED", message)
+
+
 def forbidden(message: str) -> ProxyError:
     return ProxyError(403, "DENIED", message)
 
@@ -73,6 +78,13 @@ def text_response(error: ProxyError) -> tuple[Headers, bytes]:
 
 
 def challenge(headers: Headers, error: ProxyError) -> None:
-    """A 401 carries the proxy's own Basic challenge: clients send the token after it."""
+    """
+    A 401 carries the proxy's own Basic challenge: clients send the token
+    after it.  A 407 carries it as C{Proxy-Authenticate}: forward-proxy
+    clients (Java's, Sonar's, git's C{anyauth}) send C{Proxy-Authorization}
+    only after that.
+    """
     if error.status == 401:
         headers.setRawHeaders(b"WWW-Authenticate", [REALM_CHALLENGE])
+    elif error.status == 407:
+        headers.setRawHeaders(b"Proxy-Authenticate", [REALM_CHALLENGE])

@@ -75,7 +75,7 @@ def client_response_headers(upstream: Headers, secrets: Secrets = NO_SECRETS) ->
     """
     The upstream response's headers as the client gets them: hop-by-hop
     fields dropped, and values that contain one of C{secrets} (reflected
-    credentials, SPEC section 10); the rest kept (repeated ones too).
+    credentials, README.md "Reflected credentials"); the rest kept (repeated ones too).
     C{Location} is rewritten separately, by L{rewrite_location}.
 
     The names the upstream's C{Connection} header nominates are dropped

@@ -15,7 +15,7 @@ import re
 import unicodedata
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from attrs import field, frozen
+from attrs import evolve, field, frozen
 
 # A DNS-1123 label: what a namespace or a host-routable Connector name is.
 _LABEL = rb"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -208,21 +208,12 @@ def check_rest(rest: bytes) -> None:
             raise BadTarget("path contains a '.' or '..' segment written with Unicode lookalikes (such as fullwidth dots)")
 
 
-def route(target: bytes, host: bytes | None, cluster_domain: str) -> Route:
+def _path_named(path: bytes) -> Route | None:
     """
-    Route one request.  Raises L{BadTarget} for targets that must not be
-    forwarded at all.
+    The Connector a path names in path form (C{/namespaces/NS/connectors/NAME/REST},
+    or C{/v2/namespaces/NS/connectors/NAME/REPO...} for OCI clients), with the
+    prefix stripped once, or C{None}.  C{path} may carry a query.
     """
-    origin, path = split_target(target)
-    if origin is not None:
-        host = origin.split(b"://", 1)[1]
-    by_host = host_connector(host, cluster_domain) if host else None
-    if by_host is not None:
-        check_rest(path)
-        return Route(by_host[0], by_host[1], path, host=_routed_host(host))
-    if origin is not None:
-        check_rest(path)
-        return Route(None, None, path, origin=origin)
     bare, mark, query = path.partition(b"?")
     oci = _OCI_PATH_ROUTE.match(bare)
     if oci is not None:
@@ -236,5 +227,40 @@ def route(target: bytes, host: bytes | None, cluster_domain: str) -> Route:
         check_rest(rest)
         return Route(by_path.group(1).decode(), by_path.group(2).decode(), rest,
                      client_prefix=bare[: by_path.end(2)])
+    return None
+
+
+def route(target: bytes, host: bytes | None, cluster_domain: str) -> Route:
+    """
+    Route one request.  Raises L{BadTarget} for targets that must not be
+    forwarded at all.
+
+    A request may name its Connector by host and by path at once: upstream's
+    path-resolver addresses are C{http://c-NAME.NS.svc.cluster.local/namespaces/NS/connectors/NAME}.
+    The prefix is then stripped once, and a host and a path that name
+    different Connectors are refused, since either reading would send the
+    request somewhere the client did not mean.
+    """
+    origin, path = split_target(target)
+    if origin is not None:
+        host = origin.split(b"://", 1)[1]
+    by_host = host_connector(host, cluster_domain) if host else None
+    if by_host is not None:
+        named = _path_named(path)
+        if named is not None:
+            if (named.namespace, named.name) != by_host:
+                raise BadTarget(
+                    f"the host names Connector {by_host[0]}/{by_host[1]} but the path names "
+                    f"Connector {named.namespace}/{named.name}"
+                )
+            return evolve(named, host=_routed_host(host))
+        check_rest(path)
+        return Route(by_host[0], by_host[1], path, host=_routed_host(host))
+    if origin is not None:
+        check_rest(path)
+        return Route(None, None, path, origin=origin)
+    named = _path_named(path)
+    if named is not None:
+        return named
     check_rest(path)
     return Route(None, None, path)

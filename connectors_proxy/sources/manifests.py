@@ -380,6 +380,8 @@ class ManifestSource(Service):
         if fingerprint == self._loaded.fingerprint:
             self._pending = None
             self.last_success = time.time()
+            if self._failed is not None:
+                self._undone()
             return
         if fingerprint == self._failed:
             return  # this broken state was reported already
@@ -457,6 +459,20 @@ class ManifestSource(Service):
             self.last_success = time.time()
         else:
             self._failed = found.fingerprint
+
+    def _undone(self) -> None:
+        """
+        The files read as they were last loaded again (a broken edit was
+        undone): the error reported for them is over, as after a reload
+        that worked (so the log can say it recovered).
+        """
+        self._failed = None
+        if self._manifests_error is not None:
+            self._manifests_error = None
+            self._notify(self.on_reload, True)
+        if self._tokens_error is not None:
+            self._tokens_error = None
+            self._notify(self.on_tokens_reload, True)
 
     @staticmethod
     def _notify(callbacks: list[Callable[[bool], None]], ok: bool) -> None:

@@ -109,8 +109,10 @@ def _read(path: str | None, what: str) -> bytes | None:
         raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
 
 
-def _load_pair(cert_pem: bytes, key_pem: bytes, what: str) -> Leaf:
-    certs, key = load_pair(cert_pem, key_pem, what, f"{what}: the private key")
+def _load_pair(cert_pem: bytes, key_pem: bytes, cert_path: str, key_path: str) -> Leaf:
+    # Each file named as what it is: a mismatch names the key's file, not
+    # the certificate's twice.
+    certs, key = load_pair(cert_pem, key_pem, cert_path, f"the private key in {key_path}")
     return Leaf(certs[0], key, tuple(certs[1:]))
 
 
@@ -148,7 +150,7 @@ def read_material(files: TLSFiles, now: float,
             raise ValueError(f"{files.ca_cert}: {e}") from None
     if cert_pem is not None:
         default = _load_pair(cert_pem, key_pem if key_pem is not None else cert_pem,
-                             f"{files.cert}")
+                             f"{files.cert}", f"{files.key if key_pem is not None else files.cert}")
     elif ca is not None:
         default = ca.mint(list(default_names), now)
     else:

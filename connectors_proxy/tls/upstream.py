@@ -45,7 +45,7 @@ from connectors_proxy.tls.mint import load_pair
 _PEM_CERT = re.compile(
     rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
 
-# The keys of a CA Secret that carry certificates (SPEC section 2).
+# The keys of a CA Secret that carry certificates (docs/tls.md, "Upstream TLS").
 CA_KEYS = "ca.crt, *.crt, *.pem"
 _SHA256 = hashes.SHA256()
 

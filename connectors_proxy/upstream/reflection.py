@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_reflection -*-
 """
-Credentials an upstream reflects (SPEC section 10): an upstream that echoes
+Credentials an upstream reflects (README.md, "Reflected credentials"): an upstream that echoes
 the request (C{/headers} endpoints, debug pages, a 401 body quoting the
 C{Authorization}, a foreign C{Location} carrying it in its query) would hand
 the Connector's Secret to every workload allowed to use the Connector.

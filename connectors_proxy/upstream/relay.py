@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_relay -*-
+# -*- test-case-name: tests.test_memory_relay,tests.test_reflection -*-
 """
 The streaming relay: send a client request upstream through
 L{twisted.web.client.Agent} with a persistent connection pool, and stream
@@ -34,6 +34,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
 from connectors_proxy import compat
+from connectors_proxy.model.credentials import RegoCredentials
 from connectors_proxy.server.channel import ProxyRequest
 from connectors_proxy.server.errors import ProxyError, bad_gateway
 from connectors_proxy.server.headers import (
@@ -81,8 +82,13 @@ def forwarded_headers(request: ProxyRequest, origin: bool = True,
 def request_headers(request: ProxyRequest, target: Target) -> Headers:
     """The upstream request headers for C{request}, with the Connector's credentials."""
     headers = forwarded_headers(request, route=target.route)
-    if target.credentials is not None:
-        headers.setRawHeaders(b"Authorization", [target.credentials.authorization()])
+    credentials = target.credentials
+    if isinstance(credentials, RegoCredentials):
+        # A class's Rego generator placed them (nothing before it has).
+        for name, value in credentials.header_pairs:
+            headers.setRawHeaders(name, [value])
+    elif credentials is not None:
+        headers.setRawHeaders(b"Authorization", [credentials.authorization()])
     return headers
 
 
@@ -355,7 +361,9 @@ async def stream_response(request: ProxyRequest, response: IResponse, headers: H
         if isinstance(e, UpstreamTimeout):
             request.fault = e.fault
         disarm()
-        if not request.finished and request.channel is not None:
+        if not request.finished and request.channel is not None and not compat.request_gone(request):
+            # Not the client's doing (its leaving stops the upstream too).
+            request.truncated = "upstream"
             request.channel.transport.abortConnection()
         return relay.sent
     disarm()
@@ -432,6 +440,7 @@ def send_error(request: ProxyRequest, status: int, headers: Headers, body: bytes
     if request.finished or compat.request_gone(request):
         return
     if request.startedWriting:
+        request.truncated = request.truncated or "proxy"
         request.channel.transport.abortConnection()
         return
     send_bytes(request, status, headers, body)

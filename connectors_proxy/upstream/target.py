@@ -10,7 +10,7 @@ from attrs import evolve, field, frozen
 from twisted.web.iweb import IAgent
 
 from connectors_proxy.auth.interfaces import Identity
-from connectors_proxy.model.credentials import Credentials
+from connectors_proxy.model.credentials import Credentials, RegoCredentials, with_query
 from connectors_proxy.model.objects import Connector, ConnectorClass
 from connectors_proxy.server.channel import ProxyRequest
 from connectors_proxy.server.headers import rewrite_location, same_origin
@@ -57,7 +57,12 @@ class Target:
         return evolve(self, agent=self.foreign_agent)
 
     def upstream_url(self, rest: bytes | None = None) -> bytes:
-        return self.upstream_base + (self.route.rest if rest is None else rest)
+        url = self.upstream_base + (self.route.rest if rest is None else rest)
+        credentials = self.credentials
+        if isinstance(credentials, RegoCredentials) and credentials.query_pairs:
+            # A class's Rego generator places them in the query.
+            url = with_query(url, credentials.query_pairs)
+        return url
 
     def to_client(self, url: bytes) -> bytes:
         """Map an upstream URL (absolute or path) back to what the client uses."""

@@ -201,7 +201,7 @@ DEFAULT_TOKEN_USERNAME = "connectors-proxy"
 def registry_credentials(credentials: Credentials | None) -> RegistryCredentials | None:
     """
     The registry credentials of a Connector's resolved credentials
-    (L{connectors_proxy.model.credentials.resolve}, SPEC section 2): Basic ones
+    (L{connectors_proxy.model.credentials.resolve}; docs/oci.md, "Upstream authentication"): Basic ones
     as they are; a bearer token as the password at the token realm (with
     L{DEFAULT_TOKEN_USERNAME}), or as a bearer token for a registry that
     asks for one directly; a docker config's identity token as the OAuth2

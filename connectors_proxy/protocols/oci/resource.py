@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_oci_integration -*-
 """
-The OCI protocol (distribution specification; SPEC sections 5 and 6):
+The OCI protocol (distribution specification; docs/oci.md):
 registry clients (skopeo, podman, docker, crane...) pull and push through the
 proxy with only their own token, and the proxy authenticates to the
 registry with the Connector's credentials.
