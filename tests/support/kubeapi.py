@@ -487,18 +487,24 @@ async def settle(port: int, timeout: float = 5.0) -> None:
 
 
 _shared: KubeAPI | None = None
+# Why the control plane could not start: every later test fails at once with
+# it, instead of spending a minute each on the same failure.
+_failed: BaseException | None = None
 _lock = threading.Lock()
 
 
 def _start_shared() -> KubeAPI:
-    global _shared
+    global _shared, _failed
     with _lock:
+        if _failed is not None:
+            raise AssertionError(f"the shared control plane failed to start earlier: {_failed}")
         if _shared is None:
             cluster = KubeAPI()
             try:
                 cluster.start()
-            except BaseException:
+            except BaseException as e:
                 cluster.stop()
+                _failed = e
                 raise
             _shared = cluster
             atexit.register(cluster.stop)
