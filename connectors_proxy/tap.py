@@ -27,6 +27,7 @@ from twisted.python import usage
 from twisted.python.reflect import namedAny
 
 from connectors_proxy.auth.interfaces import IIdentityVerifier
+from connectors_proxy.auth.rego import RegoHooks, WorkerPool
 from connectors_proxy.model.objects import ObjectRef
 from connectors_proxy.model.protocols import PROTOCOLS
 from connectors_proxy.model.state import Snapshot, Store
@@ -490,7 +491,8 @@ def proxy_site(store: Store, verifier: IIdentityVerifier, reactor: Any, cluster_
         agents = Agents(reactor, upstream_policy, timeouts=upstream_timeouts or UpstreamTimeouts())
     root = ConnectorsResource(store=store, verifier=verifier, agents=ConnectorAgents(agents),
                               protocols=protocol_resources(reactor), cluster_domain=cluster_domain,
-                              limiter=limiter, forward_unlisted=forward_unlisted)
+                              limiter=limiter, forward_unlisted=forward_unlisted,
+                              rego=RegoHooks(WorkerPool(reactor)))
     return ProxySite(root, reactor, timeout=idle_timeout), root, agents
 
 
@@ -600,6 +602,8 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
     if signals:
         drain.Signals(reactor, drainer, reloader).setServiceParent(top)
     reactor.addSystemEventTrigger("before", "shutdown", agents.close)
+    # Rego evaluator processes (started only if a class has hooks).
+    reactor.addSystemEventTrigger("before", "shutdown", root.rego.stop)
     if root.forward_agents is not None:
         reactor.addSystemEventTrigger("before", "shutdown", root.forward_agents.close)
     return top

@@ -13,6 +13,7 @@ import os
 import secrets
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import Any
@@ -20,18 +21,26 @@ from typing import Any
 import treq
 import yaml
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
-from twisted.trial.unittest import TestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from connectors_proxy.model.objects import ObjectRef
 from connectors_proxy.model.state import Store
+from connectors_proxy.server.channel import peer_closed
 from connectors_proxy.sources.manifests import ManifestSource
+from connectors_proxy.upstream.connect import FastFailEndpoint
 
 from .support.procs import free_port, start_server
 from .support.proxy import (
@@ -376,6 +385,19 @@ class RawUpstream(Protocol):
         self.lost = lost
         self.answered = False
 
+    def connectionMade(self) -> None:
+        if self.mode == "stall":
+            # Its reading paused, this end would not see the proxy close the
+            # connection: watch the socket's state instead.
+            self.watch = LoopingCall(self._watch)
+            self.watch.start(0.05)
+
+    def _watch(self) -> None:
+        if peer_closed(self.transport):
+            self.watch.stop()
+            self.lost.append(time.monotonic())
+            self.transport.abortConnection()  # type: ignore[union-attr]
+
     def dataReceived(self, data: bytes) -> None:
         if self.mode == "stall":
             self.transport.pauseProducing()  # type: ignore[attr-defined]
@@ -389,20 +411,37 @@ class RawUpstream(Protocol):
             reactor.callLater(0.2, self.transport.abortConnection)  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.lost.append(time.monotonic())
+        if self.mode != "stall":
+            self.lost.append(time.monotonic())
+        elif self.watch.running:
+            self.watch.stop()
 
 
-async def raw_upstream_proxy(test: TestCase, mode: str) -> tuple[Any, str, list[float]]:
+async def raw_upstream_proxy(test: TestCase, mode: str,
+                             extra: list[str] | None = None) -> tuple[Any, str, list[float]]:
     """A proxy process (JSON logs) in front of a L{RawUpstream}; its client token; upstream close times."""
     lost: list[float] = []
-    upstream = reactor.listenTCP(0, Factory.forProtocol(lambda: RawUpstream(mode, lost)), interface="127.0.0.1")
+    protocols: list[RawUpstream] = []
+
+    def build() -> RawUpstream:
+        protocols.append(RawUpstream(mode, lost))
+        return protocols[-1]
+    upstream = reactor.listenTCP(0, Factory.forProtocol(build), interface="127.0.0.1")
     test.addCleanup(upstream.stopListening)
+
+    def close() -> None:
+        for p in protocols:
+            if p.transport is not None:
+                p.transport.abortConnection()
+            if getattr(p, "watch", None) is not None and p.watch.running:
+                p.watch.stop()
+    test.addCleanup(close)
     token = secrets.token_hex(16)
     args = write_setup(test, [
         connector_class("rest"), basic_secret(TEAM, "creds", "u", "p"),
         connector(TEAM, "api", "rest", f"http://127.0.0.1:{upstream.getHost().port}", secret="creds"),
     ], {token: sa(TEAM)})
-    proxy = await start_proxy_process(test, [*args, "--log-format", "json"])
+    proxy = await start_proxy_process(test, [*args, "--log-format", "json", *(extra or [])])
     return proxy, token, lost
 
 
@@ -426,9 +465,15 @@ async def scrape(proxy: Any) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
 class AbandonedUploadTests(TestCase):
     """
     A client that leaves while its upload is paused (the upstream stopped
-    reading) is noticed within seconds: its request ends (499) and the
-    upstream connection is closed, instead of both being held until the
-    idle timeout.
+    reading, or the request waits for a Connector slot) is noticed within
+    seconds: its request ends (499) and the upstream connection is closed,
+    instead of both being held until the idle timeout.
+
+    What "leaves" can be seen as: a reset (a client killed with unread
+    data, C{SO_LINGER} 0, or its kernel giving up on an orphaned
+    connection), or a FIN that could reach the proxy.  A FIN queued in the
+    client's kernel behind body bytes the proxy has not taken cannot: on
+    the wire that client is the same as one blocked in C{write}.
     """
 
     timeout = 60
@@ -457,6 +502,8 @@ class AbandonedUploadTests(TestCase):
                 await sleep(0.05)
         self.assertEqual(lost, [], "the upstream is still connected")
         left = time.monotonic()
+        # A reset, as from a killed client with unread data.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         client.close()
         while not lost:
             self.assertLess(time.monotonic() - left, 10, proxy.log()[-3000:])
@@ -470,6 +517,38 @@ class AbandonedUploadTests(TestCase):
         s = await scrape(proxy)
         self.assertEqual(value(s, "connectors_proxy_in_flight_requests"), 0)
         self.assertEqual(value(s, "connectors_proxy_open_connections"), 0)
+        self.assertEqual(value(s, "connectors_proxy_upstream_active_requests", namespace=TEAM, connector="api"), 0)
+
+    def test_client_leaves_while_queued(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._queued())
+
+    async def _queued(self) -> None:
+        # One slot, taken by a request the upstream never answers; the next
+        # waits in the queue with its body unread, and its client gives up (FIN).
+        proxy, token, lost = await raw_upstream_proxy(
+            self, "stall", ["--max-concurrent-per-connector", "1", "--queue-timeout", "50"])
+        head = (f"POST /namespaces/{TEAM}/connectors/api/upload HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {token}\r\nContent-Length: 100000\r\n\r\n").encode()
+        first = socket.create_connection(("127.0.0.1", proxy.port))
+        self.addCleanup(first.close)
+        first.sendall(head + b"y" * 1000)
+        second = socket.create_connection(("127.0.0.1", proxy.port))
+        second.sendall(head + b"y" * 1000)
+        await sleep(1.5)
+        s = await scrape(proxy)
+        self.assertEqual(value(s, "connectors_proxy_upstream_queued_requests", namespace=TEAM, connector="api"), 1)
+        left = time.monotonic()
+        second.close()
+        while True:
+            s = await scrape(proxy)
+            if value(s, "connectors_proxy_upstream_queued_requests", namespace=TEAM, connector="api") == 0:
+                break
+            self.assertLess(time.monotonic() - left, 10, proxy.log()[-3000:])
+            await sleep(0.05)
+        detected = time.monotonic() - left
+        print(f"\nclient left while queued: noticed {detected:.2f} s later")
+        self.assertLess(detected, 3.0)
+        self.assertEqual((await access_line(proxy, "POST"))["status"], 499)
 
 
 class TruncatedResponseTests(TestCase):
@@ -503,7 +582,10 @@ class TruncatedResponseTests(TestCase):
         if by == "client":
             client.close()
         else:
-            rest = await deferToThread(client.recv, 1 << 20)
+            try:
+                rest = await deferToThread(client.recv, 1 << 20)
+            except ConnectionResetError:
+                rest = b""
             self.assertEqual(rest, b"", "the client sees the connection cut, not a complete body")
         line = await access_line(proxy, "GET")
         self.assertEqual((line["status"], line.get("truncated")), (200, by), line)
@@ -516,3 +598,92 @@ class TruncatedResponseTests(TestCase):
         while not lost:
             self.assertLess(time.monotonic(), deadline, "the upstream connection was kept")
             await sleep(0.05)
+
+
+class RefusedUpstreamTests(TestCase):
+    """
+    A refused upstream connection is a 502 in milliseconds, not after
+    HostnameEndpoint's 0.3 s wait for another address that does not exist.
+    """
+
+    timeout = 60
+
+    def test_refused_connect_answers_at_once(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._refused())
+
+    async def _refused(self) -> None:
+        closed = free_port()
+        token = secrets.token_hex(16)
+        args = write_setup(self, [
+            connector_class("rest"), basic_secret(TEAM, "creds", "u", "p"),
+            connector(TEAM, "ip", "rest", f"http://127.0.0.1:{closed}", secret="creds"),
+            connector(TEAM, "name", "rest", f"http://localhost:{closed}", secret="creds"),
+        ], {token: sa(TEAM)})
+        proxy = await start_proxy_process(self, args)
+        for name in ("ip", "name"):
+            times = []
+            for _ in range(5):
+                start = time.monotonic()
+                r = await treq.get(f"{proxy.url}/namespaces/{TEAM}/connectors/{name}/x",
+                                   headers={"Authorization": f"Bearer {token}"}, persistent=False)
+                await r.content()
+                times.append(time.monotonic() - start)
+                self.assertEqual(r.code, 502)
+            print(f"\nrefused upstream ({name}): 502 in {min(times) * 1000:.1f}-{max(times) * 1000:.1f} ms")
+            self.assertLess(sorted(times)[2], 0.1)
+
+
+@implementer(IHostnameResolver)
+class _Resolver:
+    def __init__(self, addresses: list[str]) -> None:
+        self.addresses = addresses
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0,
+                        addressTypes: Any = None, transportSemantics: str = "TCP") -> Any:
+        receiver.resolutionBegan(None)
+        for host in self.addresses:
+            receiver.addressResolved(IPv4Address("TCP", host, portNumber))
+        receiver.resolutionComplete()
+        return None
+
+
+class FastFailEndpointTests(SynchronousTestCase):
+    """L{FastFailEndpoint}: Happy Eyeballs over a name's addresses, failing when the last attempt does."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.nameResolver = _Resolver(["10.0.0.1", "10.0.0.2"])  # type: ignore[assignment]
+        self.endpoint = FastFailEndpoint(self.reactor, "upstream.example", 80, timeout=10)
+
+    def refuse(self, index: int) -> None:
+        factory = self.reactor.tcpClients[index][2]
+        factory.clientConnectionFailed(self.reactor.connectors[index], Failure(ConnectionRefusedError()))
+
+    def test_refused_everywhere_fails_at_once(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual([c[0] for c in self.reactor.tcpClients], ["10.0.0.1"])
+        self.refuse(0)
+        # The next address at once, not after the attempt delay.
+        self.assertEqual([c[0] for c in self.reactor.tcpClients], ["10.0.0.1", "10.0.0.2"])
+        self.refuse(1)
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_slow_address_then_next(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        self.reactor.advance(0.29)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.advance(0.01)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        factory = self.reactor.tcpClients[1][2]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.2", 80))
+        protocol.makeConnection(StringTransport())
+        self.assertIsInstance(self.successResultOf(d), Protocol)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+
+    def test_cancel(self) -> None:
+        d = self.endpoint.connect(Factory.forProtocol(Protocol))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

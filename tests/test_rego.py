@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http_headers import Headers
@@ -399,6 +399,19 @@ class CountingEvaluator(InlineEvaluator):
         return super().evaluate(policy, input_json)
 
 
+class RunsAway:
+    """An evaluator for which every policy runs past its time limit."""
+
+    calls = 0
+
+    def evaluate(self, policy: str, input_json: str) -> Deferred[Reply]:
+        self.calls += 1
+        return succeed(Reply("timeout", "evaluation took longer than 1s"))
+
+    def stop(self) -> Deferred[None]:
+        return succeed(None)
+
+
 class ExtractorTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.hooks = RegoHooks(InlineEvaluator())
@@ -459,6 +472,22 @@ class ExtractorTests(SynchronousTestCase):
             self.assertNotIn(token, e.message)
         self.assertNotIn(token, logged(self.events))
         self.assertEqual(len([e for e in self.events if "Rego policy" in logged([e])]), 1)
+
+    def test_stopped_policy_suspended(self) -> None:
+        """A policy stopped at its time limit is answered 503 at once for a while: other classes go on."""
+        now = [100.0]
+        evaluator = RunsAway()
+        hooks = RegoHooks(evaluator, clock=lambda: now[0])
+
+        def extract() -> None:
+            run_now(Deferred.fromCoroutine(hooks.extract("slow", NEVER_ENDS, extractor_input())))
+
+        self.assertIn("time limit", self.assertRaises(HookFailed, extract).message)
+        self.assertIn("suspended", self.assertRaises(HookFailed, extract).message)
+        self.assertEqual(evaluator.calls, 1)
+        now[0] += 11
+        self.assertRaises(HookFailed, extract)
+        self.assertEqual(evaluator.calls, 2)
 
     def test_answer_not_a_token(self) -> None:
         e = self.assertRaises(HookFailed, self.extract, 'package proxy\nauth := {"token": 5}\n', extractor_input())
@@ -678,12 +707,14 @@ class GlabThroughProxy(TestCase):
             rego_class("gitlab", "git", EXTRACT_HEADER, GENERATE_TWO_HEADERS),
             rego_class("restq", "http", EXTRACT_QUERY, GENERATE_QUERY),
             rego_class("restb", "http", EXTRACT_BODY, GENERATE_BODY),
+            rego_class("hq", "http", EXTRACT_HEADER_V1, GENERATE_QUERY),
             rego_class("broken", "http", COMPILE_ERROR, None),
             rego_class("leaky", "http", PRINTS_INPUT, None),
             rego_class("slow", "http", EXTRACT_HEADER, NEVER_ENDS.replace('{"token": "done"}', '{"auth": {}}')),
             rego_connector("gl", "gitlab", base),
             rego_connector("q", "restq", base),
             rego_connector("b", "restb", base),
+            rego_connector("hq", "hq", base),
             rego_connector("broken", "broken", base),
             rego_connector("leaky", "leaky", base),
             rego_connector("slow", "slow", base),
@@ -776,6 +807,18 @@ class GlabThroughProxy(TestCase):
         self.assertEqual(uri, b"/query/items?page=2&private_token=" + self.secret.encode())
         [access] = self.proxy.logs.access()
         self.assertEqual(access["path"], "/namespaces/team/connectors/q/query/items?page=2")
+
+    @inlineCallbacks
+    def test_extracted_header_removed(self):  # type: ignore[no-untyped-def]
+        """The header the token came in never reaches the upstream, even when nothing replaces it."""
+        result = check((yield self.curl("-H", f"PRIVATE-TOKEN: {self.token}", "-H", "X-Kept: yes",
+                                        self.url("hq", "/query/items"))))
+        self.assertIn(b"HTTP/1.1 200", result.stdout)
+        entry = self.upstream.received[-1]
+        names = {k.lower() for k, _ in entry["headers"]}
+        self.assertNotIn(b"private-token", names)
+        self.assertIn(b"x-kept", names)
+        self.assertEqual(entry["uri"], b"/query/items?private_token=" + self.secret.encode())
 
     @inlineCallbacks
     def test_body_extracted_and_generated(self):  # type: ignore[no-untyped-def]

@@ -31,6 +31,7 @@ import os
 import re
 import struct
 import sys
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from functools import lru_cache
@@ -62,6 +63,11 @@ DEFAULT_PROCESSES = 2
 # After an evaluator process could not start, evaluations fail at once
 # for this long instead of starting one process per request.
 START_BACKOFF = 5.0
+# After a policy was stopped (time or memory), it is answered 503 at once
+# for this long: a policy that some input makes run away would otherwise
+# let a few requests a second keep every evaluator process busy, and every
+# other class waiting.
+SUSPEND = 10.0
 
 
 # -- what a policy reads -------------------------------------------------------
@@ -619,6 +625,8 @@ class RegoHooks:
 
     evaluator: IPolicyEvaluator = field(factory=WorkerPool)
     cache_size: int = 4096
+    clock: Callable[[], float] = time.monotonic
+    _suspended: dict[str, float] = field(factory=dict, init=False, repr=False)
     _answers: OrderedDict[tuple[str, str], Any] = field(factory=OrderedDict, init=False, repr=False)
     _reported: set[tuple[str, str, str, str]] = field(factory=set, init=False)
 
@@ -671,6 +679,8 @@ class RegoHooks:
         if cached is not _MISSING:
             self._answers.move_to_end(key)
             return cached
+        if self._suspended and self._suspended.get(policy, 0.0) > self.clock():
+            raise HookFailed(self._failure(class_name, hook, f"was stopped and is suspended for {SUSPEND:g}s"))
         reply = await self.evaluator.evaluate(policy, input_json)
         if reply.kind == "value":
             try:
@@ -688,9 +698,11 @@ class RegoHooks:
             raise HookFailed(self._failure(class_name, hook, "failed to evaluate"))
         elif reply.kind == "timeout":
             self._report(class_name, hook, policy, "timeout", reply.text)
+            self._suspend(policy)
             raise HookFailed(self._failure(class_name, hook, "was stopped: it ran past its time limit"))
         elif reply.kind == "crashed":
             self._report(class_name, hook, policy, "crashed", reply.text)
+            self._suspend(policy)
             raise HookFailed(self._failure(class_name, hook, "was stopped: it exhausted the evaluator's memory"))
         else:
             raise HookFailed(f"ConnectorClass {class_name}: the Rego evaluator is unavailable ({reply.text}); "
@@ -700,6 +712,12 @@ class RegoHooks:
             while len(self._answers) > self.cache_size:
                 self._answers.popitem(last=False)
         return value
+
+    def _suspend(self, policy: str) -> None:
+        now = self.clock()
+        if len(self._suspended) > 256:
+            self._suspended = {p: t for p, t in self._suspended.items() if t > now}
+        self._suspended[policy] = now + SUSPEND
 
     @staticmethod
     def _failure(class_name: str, hook: str, what: str) -> str:

@@ -237,9 +237,13 @@ def _replace_body(request: ProxyRequest, data: bytes) -> None:
 
 
 def _carries(value: bytes, token: bytes) -> bool:
-    """Whether a header value is the token, alone or after a scheme (C{token T}, C{Bearer T})."""
+    """
+    Whether a header value carries the token: alone, after a scheme
+    (C{Bearer T}), or anywhere in it when the token is long enough not to
+    turn up by chance (a ServiceAccount token is a JWT).
+    """
     words = value.split()
-    return bool(words) and (value.strip() == token or words[-1] == token)
+    return bool(words) and (value.strip() == token or words[-1] == token or (len(token) >= 16 and token in value))
 
 
 def _without_parameter(target: bytes, token: str) -> bytes:

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlsplit
 
 from attrs import field, frozen
 
-from connectors_proxy.model.credentials import BasicCredentials, Credentials
+from connectors_proxy.model.credentials import BasicCredentials, Credentials, RegoCredentials
 
 # -- challenges ---------------------------------------------------------------
 
@@ -207,7 +207,8 @@ def registry_credentials(credentials: Credentials | None) -> RegistryCredentials
     asks for one directly; a docker config's identity token as the OAuth2
     refresh token at the realm.  C{None} (anonymous) stays C{None}.
     """
-    if credentials is None:
+    if credentials is None or isinstance(credentials, RegoCredentials):
+        # Rego generators do not apply to OCI classes (resolve never gives these to them).
         return None
     if isinstance(credentials, BasicCredentials):
         return RegistryCredentials(credentials.username, credentials.password)
