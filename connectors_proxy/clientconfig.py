@@ -769,10 +769,7 @@ def _files_command(args: argparse.Namespace) -> str | dict[str, str]:
         connectors = from_manifests(args.manifests, refs, args.cluster_domain, args.proxy)
     else:
         connectors = from_cluster(refs, args.kubeconfig, args.cluster_domain, args.proxy)
-    ca_cert = None
-    if args.ca_file:
-        with open(args.ca_file, encoding="utf-8") as f:
-            ca_cert = f.read()
+    ca_cert = read_ca(args.ca_file) if args.ca_file else None
     names = None if args.configurations is None else [n.strip() for n in args.configurations.split(",")]
     files = render_files(connectors, _read_token(args.token_file), names, args.params, ca_cert)
     if args.only is not None:
@@ -782,6 +779,25 @@ def _files_command(args: argparse.Namespace) -> str | dict[str, str]:
     if not args.dir:
         raise ClientConfigError("give --dir DIR for the files, or --only FILE for one of them")
     return files
+
+
+def read_ca(where: str) -> str:
+    """
+    The proxy's CA certificate (PEM) from a file, or from a URL: the
+    proxy's admin listener publishes it as C{/ca.crt} (with
+    C{--proxy-ca-cert}).  Fetch it over a network you trust (a
+    C{kubectl port-forward}), since it is what your tools will trust.
+    """
+    if where.startswith(("http://", "https://")):
+        import urllib.request
+        with urllib.request.urlopen(where, timeout=10) as response:  # noqa: S310 - the user's own URL
+            text = response.read().decode("utf-8", "replace")
+    else:
+        with open(where, encoding="utf-8") as f:
+            text = f.read()
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ClientConfigError(f"{where} holds no PEM certificate")
+    return text
 
 
 def write_files(folder: str, files: Mapping[str, str]) -> None:
@@ -821,7 +837,10 @@ def add_files_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     files.add_argument("--params", type=_params, default={}, metavar="JSON",
                        help='configuration parameters, as the volume\'s configuration.params: {"settings": '
                             '{"useAsMirror": "true"}}')
-    files.add_argument("--ca-file", metavar="FILE", help="the proxy's CA certificate, written as ca.crt and ca.cert")
+    files.add_argument("--ca-file", metavar="FILE|URL",
+                       help="the proxy's CA certificate (a file, or its admin listener's /ca.crt URL), written as "
+                            "ca.crt and ca.cert, and into kubeconfig as certificate-authority-data: tools trust "
+                            "it for https:// addresses reached through https_proxy")
     files.add_argument("--dir", metavar="DIR", help="write every file into this folder (mode 0600)")
     files.add_argument("--only", metavar="FILE", help="write only this file (to standard output or --output)")
     files.set_defaults(render=_files_command)

@@ -9,6 +9,14 @@ token valid (401), identity allowed on the Connector (403), Connector known
 under no listed Connector follow C{--forward-unlisted}; then the Connector's credentials and agent are resolved into a
 L{Target} and the request is handed to the resource of the class's protocol
 (REST, git, OCI).  One access-log event is written when the response ends.
+
+A C{CONNECT host:port} is checked the same way (407, 401, 403) before its
+tunnel exists: to a listed Connector's origin it is intercepted (the
+proxy's CA answers the client's TLS, L{connectors_proxy.tls.intercept},
+and the requests inside are served here like any other, as absolute-form
+C{https://host:port/...} requests with the C{CONNECT}'s credentials);
+elsewhere it is a plain byte tunnel (L{connectors_proxy.upstream.tunnel})
+or a 403, as C{--forward-unlisted} says.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ from typing import Any, Union
 from urllib.parse import urlsplit
 
 from attrs import define, evolve, field, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from connectors_proxy import compat
 from connectors_proxy.auth.identity import Presented, presented_token
 from connectors_proxy.auth.interfaces import Identity, IIdentityVerifier, VerifierUnavailable
 from connectors_proxy.auth.rego import RegoHooks
@@ -36,14 +46,17 @@ from connectors_proxy.protocols import ProtocolResource
 from connectors_proxy.protocols.forward import FORWARD, ForwardResource
 from connectors_proxy.server import accesslog, errors, limits
 from connectors_proxy.server.channel import ProxyRequest
+from connectors_proxy.server.connect import ESTABLISHED, ConnectContext, authority, inner_target, parse_authority
 from connectors_proxy.server.headers import same_origin
 from connectors_proxy.server.routing import BadTarget, Route, route
+from connectors_proxy.tls.intercept import InterceptTLS
 from connectors_proxy.tls.serve import client_identity
 from connectors_proxy.upstream import hooks
 from connectors_proxy.upstream.agents import ConnectorAgents
-from connectors_proxy.upstream.forward import ForwardAgents
+from connectors_proxy.upstream.forward import ForwardAgents, ForwardRefused
 from connectors_proxy.upstream.relay import send_error
 from connectors_proxy.upstream.target import Target, client_base
+from connectors_proxy.upstream.tunnel import TunnelStats, open_tunnel
 
 log = Logger()
 
@@ -132,6 +145,23 @@ def forward_decision(origin: str, path: bytes | None, listed: tuple[ObjectRef, .
 #: The Connector an unlisted forward-proxy target is counted under (log, metrics, concurrency).
 UNLISTED = ObjectRef("-", "-")
 
+#: The protocol label of a C{CONNECT}'s own access line (its tunnel's requests have their class's).
+CONNECT_PROTOCOL = "connect"
+
+FORWARD_NEEDS_CREDENTIALS = ("forward-proxy requests need 'Proxy-Authorization: Basic "
+                             "base64(NAMESPACE/CONNECTOR:TOKEN)'")
+
+
+def _connect_failure(error: BaseException, target: str) -> str:
+    """Why a tunnel to C{target} could not be opened, for the client's 502."""
+    if isinstance(error, DNSLookupError):
+        return f"cannot resolve the host of {target}"
+    if isinstance(error, TimeoutError):
+        return f"timed out connecting to {target}"
+    if isinstance(error, ConnectError):
+        return f"cannot connect to {target} ({error.__class__.__name__})"
+    return f"cannot open a tunnel to {target}"
+
 
 @define
 class ConnectorsResource(Resource):
@@ -153,6 +183,10 @@ class ConnectorsResource(Resource):
     # ConnectorClass Rego hooks; their evaluator processes start when a
     # class with hooks is first used.
     rego: RegoHooks = field(factory=RegoHooks)
+    # The proxy CA that answers intercepted CONNECT tunnels
+    # (--proxy-ca-cert/--proxy-ca-key); without it, a CONNECT to a listed
+    # Connector gets 503.
+    intercept: InterceptTLS | None = None
     isLeaf = True
 
     def __attrs_post_init__(self) -> None:
@@ -165,20 +199,32 @@ class ConnectorsResource(Resource):
 
     def render(self, request: ProxyRequest) -> Any:  # type: ignore[override]
         started = time.monotonic()
-        context: dict[str, str] = {}
+        context: dict[str, Any] = {}
         request.notifyFinish().addBoth(self._finished, request, started, context)
-        Deferred.fromCoroutine(self._serve(request, context))
+        if request.method == b"CONNECT":
+            Deferred.fromCoroutine(self._serve_connect(request, context))
+        else:
+            Deferred.fromCoroutine(self._serve(request, context))
         return NOT_DONE_YET
 
-    async def _serve(self, request: ProxyRequest, context: dict[str, str]) -> None:
+    async def _serve(self, request: ProxyRequest, context: dict[str, Any]) -> None:
         # Whose error format applies: text until the request is known to be
         # another protocol's (by its path before routing, by its Connector's
         # class after).
         protocol = self.protocols[DEFAULT_PROTOCOL]
         target: Target | None = None
+        connect = _connect_context(request)
         try:
             try:
-                r = route(request.uri, request.getHeader(b"host"), self.cluster_domain)
+                if connect is None:
+                    if not request.uri.startswith(b"/"):
+                        context["mode"] = "forward"
+                    r = route(request.uri, request.getHeader(b"host"), self.cluster_domain)
+                else:
+                    # Inside an intercepted tunnel: as if sent in absolute form to its origin.
+                    context["mode"] = "connect"
+                    r = route(inner_target(connect, request.uri, request.getHeader(b"host")), None,
+                              self.cluster_domain)
             except BadTarget as e:
                 raise errors.bad_request(str(e)) from None
             protocol = self._claimant(r)
@@ -217,9 +263,9 @@ class ConnectorsResource(Resource):
         # A client certificate verified by a cptls listener with clientCA=
         # is an identity of its own; otherwise the token decides: where the
         # class's authExtractor found it (C{extracted}), else Basic/Bearer.
-        certified = client_identity(request.channel.transport)
+        certified = _certified(request)
         presented = extracted if extracted is not None else \
-            presented_token(request.getHeader(b"authorization"), request.getHeader(b"proxy-authorization"))
+            presented_token(request.getHeader(b"authorization"), _proxy_authorization(request))
         if certified is not None:
             return certified, presented
         if presented is None:
@@ -246,10 +292,8 @@ class ConnectorsResource(Resource):
         # answer is the proxy's challenge (some clients send credentials
         # only after it), never a 401 the client would take for the target's.
         forward = r.origin is not None and not r.names_connector
-        if forward and not request.getHeader(b"proxy-authorization") \
-                and client_identity(request.channel.transport) is None:
-            raise errors.proxy_unauthorized(
-                "forward-proxy requests need 'Proxy-Authorization: Basic base64(NAMESPACE/CONNECTOR:TOKEN)'")
+        if forward and not _proxy_authorization(request) and _certified(request) is None:
+            raise errors.proxy_unauthorized(FORWARD_NEEDS_CREDENTIALS)
         extracted: Presented | None = None
         if r.names_connector:
             # The class's Rego authExtractor may find the token elsewhere
@@ -286,7 +330,19 @@ class ConnectorsResource(Resource):
             # No Connector named: a protocol may still answer (the OCI ping).
             return None
         context["namespace"], context["connector"] = ref.namespace, ref.name
+        await self._authorize(identity, ref)
 
+        connector = snapshot.connectors.get(ref)
+        if connector is None:
+            raise errors.not_found(f"Connector {ref} not found")
+        if address is not None and address != connector.address:
+            # Under one of its addressExtensions: that is the upstream base.
+            connector = evolve(connector, address=address)
+        # A class's Rego generator places the credentials (per request).
+        return await hooks.generate(self.rego, request, self._target(request, snapshot, connector, identity, r))
+
+    async def _authorize(self, identity: Identity, ref: ObjectRef) -> None:
+        """403 unless C{identity} may use Connector C{ref} (503 when that cannot be checked)."""
         try:
             allowed = await self.verifier.authorize(identity, ref.namespace, ref.name)
         except VerifierUnavailable:
@@ -297,14 +353,100 @@ class ConnectorsResource(Resource):
         if not allowed:
             raise errors.forbidden(f"{identity.username} may not use Connector {ref}")
 
-        connector = snapshot.connectors.get(ref)
-        if connector is None:
-            raise errors.not_found(f"Connector {ref} not found")
-        if address is not None and address != connector.address:
-            # Under one of its addressExtensions: that is the upstream base.
-            connector = evolve(connector, address=address)
-        # A class's Rego generator places the credentials (per request).
-        return await hooks.generate(self.rego, request, self._target(request, snapshot, connector, identity, r))
+    async def _serve_connect(self, request: ProxyRequest, context: dict[str, Any]) -> None:
+        """
+        C{CONNECT host:port}: the client's credentials first (407 without
+        them, 401 turned 407, 403), then to a listed Connector's origin an
+        intercepted tunnel, elsewhere a plain tunnel or 403
+        (C{--forward-unlisted}); loopback, link-local and the proxy's own
+        addresses are refused (403) for plain tunnels as for any unlisted
+        forward-proxy target.
+        """
+        context["mode"] = "tunnel"
+        protocol = self.protocols[DEFAULT_PROTOCOL]
+        try:
+            if _connect_context(request) is not None:
+                raise errors.bad_request("CONNECT inside a CONNECT tunnel")
+            try:
+                host, port = parse_authority(request.uri)
+            except BadTarget as e:
+                raise errors.bad_request(str(e)) from None
+            proxy_authorization = request.getHeader(b"proxy-authorization")
+            certified = _certified(request)
+            if not proxy_authorization and certified is None:
+                raise errors.proxy_unauthorized(
+                    "CONNECT needs 'Proxy-Authorization: Basic base64(NAMESPACE/CONNECTOR:TOKEN)'")
+            try:
+                identity, presented = await self._authenticate(request)
+            except errors.ProxyError as e:
+                if e.status == 401:
+                    raise errors.proxy_unauthorized(e.message) from None
+                raise
+            context["identity"] = identity.username
+            decision = forward_decision(f"https://{authority(host, port)}", None,
+                                        presented.listed if presented else (), self.store.snapshot,
+                                        self.forward_unlisted)
+            if isinstance(decision, Refused):
+                raise errors.forbidden(decision.message)
+            if isinstance(decision, Unlisted):
+                context["namespace"], context["connector"] = UNLISTED.namespace, UNLISTED.name
+                context["protocol"] = FORWARD
+                await self._tunnel(request, host, port, context)
+                return
+            ref = decision.ref
+            context["namespace"], context["connector"] = ref.namespace, ref.name
+            await self._authorize(identity, ref)
+            if self.intercept is None:
+                raise errors.unavailable(
+                    f"{authority(host, port)} is the address of Connector {ref}, and this proxy has no CA to "
+                    f"intercept CONNECT with (--proxy-ca-cert, --proxy-ca-key)")
+            context["protocol"] = CONNECT_PROTOCOL
+            self._intercept(request, ConnectContext(host, port, proxy_authorization, certified), context)
+            return
+        except errors.ProxyError as e:
+            error = e
+        except Exception:
+            log.failure("serving CONNECT {uri} failed", uri=accesslog.redact_target(request.uri))
+            error = errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)")
+        send_error(request, error.status, *protocol.error_response(request, error, None))
+
+    def _intercept(self, request: ProxyRequest, connect: ConnectContext, context: dict[str, Any]) -> None:
+        """Answer 200 and serve the tunnel's requests over TLS as C{connect.host}, on a channel of their own."""
+        assert self.intercept is not None
+        channel = request.channel
+        inner = channel.site.buildProtocol(channel.transport.getPeer())
+        inner.connect_context = connect
+        try:
+            protocol = self.intercept.protocol(connect.host, inner)
+        except ValueError as e:
+            # A name the CA cannot put in a certificate.
+            raise errors.bad_request(f"cannot intercept CONNECT to {connect.host}: {e}") from None
+        context["tunnel"] = TunnelStats()
+        _established(request)
+        channel.take_over(protocol, counted=False)
+
+    async def _tunnel(self, request: ProxyRequest, host: str, port: int, context: dict[str, Any]) -> None:
+        """Connect to C{host:port} through the forward proxy's guard, answer 200, relay bytes."""
+        assert self.forward_agents is not None
+        target = authority(host, port)
+        d = open_tunnel(self.forward_agents, host, port, self.forward_agents.reactor,
+                        getattr(request.channel, "timeOut", None))
+        # A client that leaves while the target is being reached cancels it.
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        try:
+            tunnel = await d
+        except ForwardRefused as e:
+            raise errors.forbidden(e.message) from None
+        except CancelledError:
+            raise errors.ProxyError(499, "CLIENT_CLOSED", "client went away") from None
+        except Exception as e:
+            raise errors.bad_gateway(_connect_failure(e, target)) from None
+        if request.finished or compat.request_gone(request):
+            tunnel.abort()
+            return
+        context["tunnel"] = tunnel.stats
+        _established(request)
+        request.channel.take_over(tunnel.client)
 
     def _unlisted(self, request: ProxyRequest, identity: Identity, r: Route) -> Target:
         """The target of a forward-proxy request under no listed Connector: no credentials, guarded agent."""
@@ -345,7 +487,16 @@ class ConnectorsResource(Resource):
         )
 
     def _finished(self, result: object, request: ProxyRequest, started: float,
-                  context: Mapping[str, str]) -> None:
+                  context: Mapping[str, Any]) -> None:
+        failed, begun = isinstance(result, Failure), bool(request.startedWriting)
+        tunnel: TunnelStats | None = context.get("tunnel")
+        if tunnel is not None:
+            # A CONNECT whose tunnel was open: it ends when the connection does.
+            status, bytes_in, bytes_out, truncated = 200, tunnel.received, tunnel.sent, None
+        else:
+            status = accesslog.status_of(request.code, failed, begun, request.fault)
+            bytes_in = request.body.received if request.body is not None else 0
+            bytes_out, truncated = request.sentLength, accesslog.truncated_by(failed, begun, request.truncated)
         peer = request.getClientAddress()
         record = accesslog.AccessRecord(
             client=getattr(peer, "host", "-"),
@@ -355,15 +506,46 @@ class ConnectorsResource(Resource):
             protocol=context.get("protocol", "-"),
             method=request.method.decode("latin-1"),
             path=accesslog.redact_target(request.uri),
-            status=accesslog.status_of(request.code, isinstance(result, Failure), bool(request.startedWriting),
-                                       request.fault),
-            bytes_in=request.body.received if request.body is not None else 0,
-            bytes_out=request.sentLength,
+            status=status,
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
             duration_ms=round((time.monotonic() - started) * 1000, 2),
             fault=request.fault,
-            truncated=accesslog.truncated_by(isinstance(result, Failure), bool(request.startedWriting),
-                                             request.truncated),
+            truncated=truncated,
+            mode=context.get("mode", "reverse"),
         )
         accesslog.emit(record)
         for observer in self.observers:
             observer(request, record)
+
+
+def _connect_context(request: ProxyRequest) -> ConnectContext | None:
+    """The intercepted C{CONNECT} C{request} was read inside, if any."""
+    return getattr(request.channel, "connect_context", None)
+
+
+def _proxy_authorization(request: ProxyRequest) -> bytes | None:
+    """
+    The C{Proxy-Authorization} that speaks for C{request}: inside an
+    intercepted tunnel, the C{CONNECT}'s (whatever the requests inside
+    carry); otherwise its own.
+    """
+    connect = _connect_context(request)
+    if connect is not None:
+        return connect.proxy_authorization
+    return request.getHeader(b"proxy-authorization")
+
+
+def _certified(request: ProxyRequest) -> Identity | None:
+    """The identity a verified client certificate proved for C{request}'s connection (or its C{CONNECT}'s)."""
+    certified = client_identity(request.channel.transport)
+    connect = _connect_context(request)
+    if certified is None and connect is not None:
+        return connect.certified  # type: ignore[no-any-return]
+    return certified
+
+
+def _established(request: ProxyRequest) -> None:
+    """The C{200} a relayed C{CONNECT} gets: exactly the status line, no headers, no body framing."""
+    request.setResponseCode(200, b"Connection established")
+    request.channel.transport.write(ESTABLISHED)

@@ -40,6 +40,7 @@ from connectors_proxy.server import limits
 from connectors_proxy.server.channel import ProxySite
 from connectors_proxy.sources import lint
 from connectors_proxy.sources.manifests import ManifestError, ManifestSource
+from connectors_proxy.tls.intercept import InterceptTLS
 from connectors_proxy.tls.serve import TLSServerEndpoint
 from connectors_proxy.tls.upstream import upstream_policy
 from connectors_proxy.upstream.agents import Agents, ConnectorAgents
@@ -94,6 +95,10 @@ class Options(usage.Options):
         ["kube-api-burst", None, None, "Cluster mode: Kubernetes writes at once (upstream's -kube-api-burst; "
                                        "default twice the qps)."],
         ["idle-timeout", None, "60", "Seconds an idle client connection is kept."],
+        ["proxy-ca-cert", None, None, "CA certificate (PEM) that signs the certificates CONNECT interception presents "
+                                      "for listed Connectors' hosts; clients trust it (published at the admin "
+                                      "listener's /ca.crt). Read again when it changes."],
+        ["proxy-ca-key", None, None, "The private key of --proxy-ca-cert (PEM, unencrypted)."],
         ["forward-unlisted", None, "allow", "Forward-proxy targets under no listed Connector: allow (relayed without "
                                             "credentials, as upstream) or deny (403).", forward_unlisted_policy],
         ["upstream-timeout", None, "60", "Seconds an upstream may take to send its response headers "
@@ -196,6 +201,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be a number") from None
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        if (self["proxy-ca-cert"] is None) != (self["proxy-ca-key"] is None):
+            raise usage.UsageError("--proxy-ca-cert and --proxy-ca-key go together")
         if self["reconcile"] not in ("all", "none"):
             raise usage.UsageError(f"--reconcile must be all or none, not {self['reconcile']!r}")
         cluster = bool(self["kubeconfig"] or self["in-cluster"])
@@ -477,10 +484,13 @@ def protocol_resources(reactor: Any) -> dict[str, ProtocolResource]:
 def proxy_site(store: Store, verifier: IIdentityVerifier, reactor: Any, cluster_domain: str = "cluster.local",
                idle_timeout: float = 60.0, limiter: limits.ConcurrencyLimiter | None = None,
                agents: Agents | None = None, upstream_timeouts: UpstreamTimeouts | None = None,
-               forward_unlisted: str = "allow",
+               forward_unlisted: str = "allow", intercept: InterceptTLS | None = None,
                ) -> tuple[ProxySite, ConnectorsResource, Agents]:
     """
     The proxy's site, as the daemon and the integration tests build it.
+
+    @param intercept: the CA that intercepts C{CONNECT} to listed Connectors
+        (C{--proxy-ca-cert}, C{--proxy-ca-key}); C{None}: such a C{CONNECT} gets 503.
 
     @param agents: the upstream agents (default: real ones on C{reactor};
         the in-memory tests pass agents that reach resources in memory).
@@ -491,7 +501,7 @@ def proxy_site(store: Store, verifier: IIdentityVerifier, reactor: Any, cluster_
         agents = Agents(reactor, upstream_policy, timeouts=upstream_timeouts or UpstreamTimeouts())
     root = ConnectorsResource(store=store, verifier=verifier, agents=ConnectorAgents(agents),
                               protocols=protocol_resources(reactor), cluster_domain=cluster_domain,
-                              limiter=limiter, forward_unlisted=forward_unlisted,
+                              limiter=limiter, forward_unlisted=forward_unlisted, intercept=intercept,
                               rego=RegoHooks(WorkerPool(reactor)))
     return ProxySite(root, reactor, timeout=idle_timeout), root, agents
 
@@ -559,10 +569,23 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
 
     limiter = limits.ConcurrencyLimiter(reactor, options["max-concurrent-per-connector"],
                                         options["queue-per-connector"], options["queue-timeout"])
+    intercept = None
+    if options.get("proxy-ca-cert"):
+        for option in ("proxy-ca-cert", "proxy-ca-key"):
+            if not os.access(options[option], os.R_OK):
+                fail(f"--{option} {options[option]}: cannot read it")
+        try:
+            intercept = InterceptTLS(options["proxy-ca-cert"], options["proxy-ca-key"], reactor)
+        except ValueError as e:
+            fail(f"--proxy-ca-cert/--proxy-ca-key: {e}")
+        # The files are read again every second (a rotated Secret), and on SIGHUP.
+        reactor.callWhenRunning(intercept.start)
+        reactor.addSystemEventTrigger("before", "shutdown", intercept.stop)
+        reloader.add("certificates", lambda: reload_certificates(intercept, metrics))
     site, root, agents = proxy_site(store, verifier, reactor, options["cluster-domain"], options["idle-timeout"],
                                     limiter, upstream_timeouts=UpstreamTimeouts(options["upstream-timeout"],
                                                                                 options["upstream-idle-timeout"]),
-                                    forward_unlisted=options["forward-unlisted"])
+                                    forward_unlisted=options["forward-unlisted"], intercept=intercept)
     drainer = drain.Drainer(reactor, options["drain-timeout"], sites=[site], notify=sdnotify.notify)
     top.drainer = drainer
     for endpoint in options["listen"]:
@@ -594,7 +617,8 @@ def make_service(options: Options, reactor: Any = None, signals: bool = False) -
             return "not ready: draining before exit"
         return None if store.ready else "not ready: objects not loaded yet, or the source is stale"
 
-    admin = ProxySite(admin_resource(ready, metrics.resource()), reactor)
+    admin = ProxySite(admin_resource(ready, metrics.resource(), ca=intercept.ca_pem if intercept else None),
+                      reactor)
     admin_listener = strport_service(options["admin"], admin, reactor=reactor)
     top.endpoints[admin_listener] = f"--admin {options['admin']}"
     admin_listener.setServiceParent(top)

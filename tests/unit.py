@@ -60,6 +60,7 @@ UNIT = (
 # What each needs, besides the proxy itself.
 INTEGRATION = (
     "tests.test_coexistence",  # twistd subprocess (upstream's Deployment flags)
+    "tests.test_connect",  # curl, git, nginx, git-http-backend, twistd subprocess
     "tests.test_clientconfig",  # pip, mvn, git, go
     "tests.test_docs",  # runs the commands of docs/ pages
     "tests.test_upstream_compat",  # curl, git, kube-apiserver

@@ -36,6 +36,7 @@ from connectors_proxy import compat
 from connectors_proxy.compat import HTTPConnectionPoolCompat
 from connectors_proxy.kube.config import KubeConfig, TokenSource
 from connectors_proxy.tls.upstream import certificates
+from connectors_proxy.upstream.connect import UpstreamEndpoints
 
 JSON = dict[str, Any]
 EventCallback = Callable[[str, JSON], None]
@@ -417,8 +418,11 @@ class KubeClient:
             compat.set_pool_factory(self.pool, _QuietClientFactory)
             self.pool.maxPersistentPerHost = 16
             self.pool.retryAutomatically = False
-            agent = Agent(reactor, contextFactory=KubeTLSPolicy(config), pool=self.pool,
-                          connectTimeout=10)
+            # The proxy's own endpoints: a refused connection fails in
+            # milliseconds, not after HostnameEndpoint's 0.3 s attempt delay
+            # (every review would wait that long while the API server is away).
+            agent = Agent.usingEndpointFactory(
+                reactor, UpstreamEndpoints(reactor, KubeTLSPolicy(config), 10.0), pool=self.pool)
         self._agent = agent
         parts = urlsplit(config.server)
         self._base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}".encode("ascii")

@@ -371,6 +371,7 @@ class ClusterMode(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()
         self.inventory.stop()
+        self.verifier.stop()
         if self.flags is not None:
             self.flags.stop()
         if self._resync.running:

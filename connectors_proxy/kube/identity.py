@@ -488,3 +488,9 @@ class KubeIdentityVerifier:
     def _notify(self) -> None:
         for callback in list(self.on_stale_change):
             callback()
+
+    def stop(self) -> None:
+        """Cancel the pending readiness timer (at shutdown)."""
+        if self._stale_call is not None and self._stale_call.active():
+            self._stale_call.cancel()
+        self._stale_call = None

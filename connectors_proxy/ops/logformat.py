@@ -75,6 +75,10 @@ def json_line(event: Mapping[str, Any]) -> str:
         if event.get("truncated"):
             # Only on responses that started and did not end complete.
             out["truncated"] = event["truncated"]
+        if event.get("mode") not in (None, "reverse"):
+            # Only on requests that did not come to the proxy as its own: forward,
+            # connect (inside a CONNECT tunnel) or tunnel (the CONNECT itself).
+            out["mode"] = event["mode"]
     elif isinstance(event.get("event"), str):
         # Operational events (drain, reload, signal) name themselves with
         # "event" and carry their own plain fields.

@@ -83,6 +83,11 @@ class ProxyMetrics:
                                   "Responses that started but did not end complete, by who cut them "
                                   "(upstream: reset mid-body, client: went away, proxy).",
                                   [*per_connector, "by"], registry=r)
+        self._modes = Counter(f"{PREFIX}_requests_by_mode",
+                              "Requests served, by how they reached the proxy: reverse (addressed to it), forward "
+                              "(absolute form through http_proxy), connect (inside an intercepted CONNECT tunnel), "
+                              "tunnel (the CONNECT itself, counted when its tunnel closes).", ["mode"], registry=r)
+        self._mode_children: dict[str, Any] = {}
         self._token_requests = Counter(f"{PREFIX}_upstream_token_requests",
                                        "Token requests the proxy made to registry token realms.",
                                        ["namespace", "connector", "result"], registry=r)
@@ -121,6 +126,10 @@ class ProxyMetrics:
             )
         requests, duration, bytes_in, bytes_out = children
         requests.inc()
+        mode = self._mode_children.get(record.mode)
+        if mode is None:
+            mode = self._mode_children[record.mode] = self._modes.labels(record.mode)
+        mode.inc()
         duration.observe(record.duration_ms / 1000.0)
         if record.bytes_in:
             bytes_in.inc(record.bytes_in)

@@ -69,6 +69,15 @@ class AccessRecord:
     # the "upstream" (reset mid-body), the "client" (gone mid-body) or the
     # "proxy"; its status stays the one that was sent.
     truncated: str | None = None
+    # How the request reached the proxy (see L{MODES}).
+    mode: str = "reverse"
+
+
+#: How a request reached the proxy: addressed to it (C{reverse}), in
+#: absolute form through C{http_proxy} (C{forward}), inside an intercepted
+#: C{CONNECT} tunnel (C{connect}), or as the C{CONNECT} itself, logged when
+#: its tunnel closes (C{tunnel}).
+MODES = ("reverse", "forward", "connect", "tunnel")
 
 
 # Why the proxy may end a request itself, and the status logged for it
@@ -115,4 +124,6 @@ def emit(record: AccessRecord) -> None:
         text += f" fault={record.fault}"
     if record.truncated:
         text += f" truncated={record.truncated}"
+    if record.mode != "reverse":
+        text += f" mode={record.mode}"
     log.info(ACCESS_FORMAT, access=True, access_text=text, **fields)

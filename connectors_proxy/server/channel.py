@@ -22,6 +22,14 @@ other than C{chunked} or on HTTP/1.0, obs-folded header lines, a second
 C{Host}, control characters in a header value, a chunk size over 2^53
 (besides what Twisted refuses itself: C{Content-Length} with
 C{Transfer-Encoding}, two of either, a malformed length or chunk).
+
+A C{CONNECT} is dispatched like any request; what the client sends after
+its head is kept aside (not parsed as HTTP) until the router has decided.
+When it opens a tunnel, the channel hands its connection to the tunnel's
+protocol (L{ProxyChannel.take_over}) and from then on only passes bytes
+on.  An intercepted tunnel's requests are read by a channel of their own,
+over the tunnel's TLS, that knows the C{CONNECT} it is inside
+(L{ProxyChannel.connect_context}).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IProtocol, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,6 +50,7 @@ from zope.interface import implementer
 
 from connectors_proxy import compat
 from connectors_proxy.server.accesslog import redact_target
+from connectors_proxy.server.connect import ConnectContext
 
 # How long, and how much, a refused request's unread body is drained before
 # the connection is cut.  Bounded: the proxy never swallows a large
@@ -55,6 +64,10 @@ HEADER_SECONDS = 30.0
 
 # Bytes of response queued for a client before its upstream is paused.
 STREAM_BUFFER = 512 * 1024
+
+# Bytes a client may send after a CONNECT's head before the proxy has
+# answered it (a ClientHello sent at once) before reading from it pauses.
+CONNECT_EARLY_BYTES = 64 * 1024
 
 # The first byte of a TLS record carrying a handshake (a ClientHello): no
 # HTTP request starts with it.
@@ -405,6 +418,14 @@ class ProxyChannel(compat.HTTPChannelCompat):
     _drain_deadline: IDelayedCall | None = None
     _peer_check: IDelayedCall | None = None
     _reading_paused = False
+    # Inside an intercepted CONNECT tunnel: the CONNECT (the router routes
+    # this channel's requests by it).
+    connect_context: ConnectContext | None = None
+    # After a CONNECT's 200: the protocol every byte of the connection goes to.
+    tunnel: IProtocol | None = None
+    # While a CONNECT is being decided: the bytes the client sent after its
+    # head, kept for the tunnel (never parsed as HTTP).
+    _connect_early: list[bytes] | None = None
 
     @property
     def _clock(self) -> IReactorTime:
@@ -422,10 +443,14 @@ class ProxyChannel(compat.HTTPChannelCompat):
     def isSecure(self) -> bool:
         # A zope adaptation each call; constant for the connection.
         if self._secure is None:
-            self._secure = super().isSecure()
+            # Inside an intercepted tunnel, the client speaks TLS to the proxy.
+            self._secure = self.connect_context is not None or super().isSecure()
         return self._secure
 
     def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.dataReceived(data)
+            return
         if self._draining is not None:
             self._draining -= len(data)
             if self._draining <= 0:
@@ -582,8 +607,56 @@ class ProxyChannel(compat.HTTPChannelCompat):
     def bad_request(self) -> None:
         self._refuse(400, b"Bad Request")
 
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            # The rest of the read that carried the CONNECT's head.
+            self.tunnel.dataReceived(data)
+            return
+        if self._connect_early is not None:
+            self._connect_early.append(data)
+            if sum(map(len, self._connect_early)) > CONNECT_EARLY_BYTES:
+                self.transport.pauseProducing()
+            return
+        super().rawDataReceived(data)
+
+    def take_over(self, protocol: IProtocol, counted: bool = True) -> None:
+        """
+        Hand the connection to C{protocol}, after a C{CONNECT} was answered
+        with its C{200}: every byte the client sent after the C{CONNECT}'s
+        head, and every byte it sends from now on, goes to C{protocol}, which
+        gets the connection's transport (and registers its own producer).
+        The C{CONNECT} request stays open until the connection closes.
+
+        @param counted: whether this channel stays among its site's
+            connections (drained, counted); C{False} when C{protocol} runs a
+            channel of its own that the site counts instead.
+        """
+        early = b"".join(self._connect_early or ())
+        self._connect_early = None
+        self.tunnel = protocol
+        self._stop_header_deadline()
+        self.setTimeout(None)
+        self._reading_paused = False
+        transport = self.transport
+        # The channel stops being the transport's producer: the tunnel's
+        # protocol registers its own.
+        transport.unregisterProducer()
+        transport.resumeProducing()
+        if not counted:
+            closed = getattr(self.site, "channel_closed", None)
+            if closed is not None:
+                closed(self)
+        protocol.makeConnection(transport)
+        if early and self.tunnel is protocol:
+            protocol.dataReceived(early)
+
     def allHeadersReceived(self) -> None:
         self._cancel_header_deadline()
+        if self.request_line[0] == b"CONNECT":
+            if self.length != 0:
+                self._refuse(400, b"Bad Request", b"a CONNECT request has no body")
+                return
+            self._connect_early = []
         req = self.requests[-1]
         self.persistent = self.checkPersistence(req, self.request_version)
         req.gotLength(self.length)
@@ -645,6 +718,12 @@ class ProxyChannel(compat.HTTPChannelCompat):
         self._drain_deadline = self._clock.callLater(DRAIN_SECONDS, transport.abortConnection)
 
     def requestDone(self, request: http.Request) -> None:
+        if self._connect_early is not None:
+            # A CONNECT answered without a tunnel (refused): what the client
+            # sent after it was meant for a tunnel, not the next request.
+            if any(self._connect_early):
+                self.persistent = False
+            self._connect_early = None
         if self._draining is not None:
             del self.requests[0]
             # Half-close: the response is out; keep reading (and discarding)
@@ -673,6 +752,8 @@ class ProxyChannel(compat.HTTPChannelCompat):
             opened(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.tunnel is not None:
+            self.tunnel.connectionLost(reason)
         self._stop_header_deadline()
         if self._drain_deadline is not None and self._drain_deadline.active():
             self._drain_deadline.cancel()
