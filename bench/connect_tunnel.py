@@ -14,6 +14,8 @@ guard letting loopback through to that nginx only), then measures:
   intercepted  curl -x (CONNECT, the proxy's TLS) -> proxy -> nginx over TLS, credentials injected
   tunnel       curl -x (CONNECT to an unlisted origin) -> bytes relayed -> nginx's own TLS
   slow         intercepted, the client limited to 20 MB/s: the proxy's memory must stay flat
+  idle         the proxy's memory per idle connection: plain (connected, nothing sent) and
+               intercepted tunnels (CONNECT answered, TLS handshake done, then nothing)
 
 For each transfer: MB/s (curl's average) and the proxy process's peak RSS
 growth, sampled every 100 ms.  Client, proxy and nginx share the machine's
@@ -157,6 +159,24 @@ def connect_handshakes(port: int, target: str, authorization: str, ca_file: str,
     return count / (time.perf_counter() - started)
 
 
+def open_idle(port: int, count: int, tunnel: tuple[str, str, str] | None) -> list[socket.socket]:
+    """C{count} idle connections to the proxy; with C{tunnel} (target, authorization, CA file), intercepted tunnels."""
+    held: list[socket.socket] = []
+    context = ssl.create_default_context(cafile=tunnel[2]) if tunnel else None
+    for _ in range(count):
+        raw = socket.create_connection(("127.0.0.1", port))
+        if tunnel is None or context is None:
+            held.append(raw)
+            continue
+        target, authorization, _ = tunnel
+        raw.sendall(f"CONNECT {target} HTTP/1.1\r\nProxy-Authorization: {authorization}\r\n\r\n".encode())
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += raw.recv(4096)
+        held.append(context.wrap_socket(raw, server_hostname=target.rsplit(":", 1)[0]))
+    return held
+
+
 def curl(args: list[str], url: str, timeout: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     result = subprocess.run([need("curl"), "-sS", "-o", "/dev/null", "-w", "%{http_code} %{speed_download}",
@@ -249,6 +269,18 @@ def main() -> None:
             extra, url = transfers["intercepted"]
             curl([*extra, "--limit-rate", "20M", "-r", f"0-{slow - 1}"], url, timeout=600)
             print(f"  {'slow 20 MB/s':12s} {slow // MiB:5d} MiB    proxy RSS growth {sampler.stop():6.1f} MiB")
+            count = 1000
+            for label, tunnel in (("idle plain connections", None),
+                                  ("idle intercepted tunnels", (f"localhost:{nginx_port}", authorization,
+                                                                proxy_ca_path))):
+                sampler = RssSampler(lambda: [proxy_pid])
+                held = open_idle(proxy_port, count, tunnel)
+                time.sleep(0.5)
+                grown = sampler.stop()
+                for sock in held:
+                    sock.close()
+                print(f"  {count} {label:28s} {grown * 1024 / count:6.1f} KiB each")
+                time.sleep(1)
         finally:
             for proc in reversed(procs):
                 proc.stop()

@@ -39,15 +39,14 @@ from collections.abc import Sequence
 
 from run import (  # bench/run.py: the same process handling and proxy set-up
     CONNECTOR_HOST,
-    NAMESPACE,
     ROOT,
     MiB,
-    Proc,
     cpu_seconds,
     free_port,
     need,
-    nginx_config,
+    nginx_proc,
     proxy_manifests,
+    proxy_proc,
 )
 
 ORIGIN = """\
@@ -83,27 +82,6 @@ def make_json(path: str, size: int) -> None:
             left -= len(piece)
         f.write(b"]")
     os.replace(path + ".part", path)
-
-
-def proxy(name: str, src: str, run_dir: str, origin_port: int, username: str, password: str,
-          token: str) -> tuple[Proc, int]:
-    folder = os.path.join(run_dir, name)
-    os.makedirs(folder, exist_ok=True)
-    manifests = os.path.join(folder, "objects.yaml")
-    with open(manifests, "w") as f:
-        f.write(proxy_manifests(origin_port, username, password))
-    tokens = os.path.join(folder, "tokens.csv")
-    with open(tokens, "w") as f:
-        f.write(f'{token},system:serviceaccount:{NAMESPACE}:client,uid-1,"system:serviceaccounts"\n')
-    port, admin = free_port(), free_port()
-    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-c", "import sys, connectors_proxy; print('connectors_proxy from', "
-            "connectors_proxy.__path__[0], flush=True); from twisted.scripts.twistd import run; sys.exit(run())",
-            "-n", "--pidfile=", "connectors-proxy",
-            "--listen", f"tcp:{port}:interface=127.0.0.1", "--admin", f"tcp:{admin}:interface=127.0.0.1",
-            "--manifests", manifests, "--tokens", tokens]
-    # cwd: "python -c" puts it first on sys.path, so it must be the tree measured.
-    return Proc(name, argv, os.path.join(folder, "proxy.log"), env=env, cwd=src), port
 
 
 def check_masked(port: int, www: str, token: str, authorization: str, password: str) -> None:
@@ -174,20 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     token = secrets.token_hex(24)
     origin_port = free_port()
     prefix = os.path.join(run_dir, "origin")
-    os.makedirs(prefix)
-    conf = os.path.join(prefix, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(nginx_config(prefix, 1, ORIGIN.format(port=origin_port, www=www, authorization=authorization),
-                             os.path.join(prefix, "tmp")))
-    procs = [Proc("origin", ["nginx", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
-                  os.path.join(prefix, "stdout.log"))]
+    procs = [nginx_proc("origin", prefix, 1, ORIGIN.format(port=origin_port, www=www, authorization=authorization),
+                        os.path.join(prefix, "tmp"))]
     trees = [("this tree", args.proxy_src)] + ([("baseline", args.baseline)] if args.baseline else [])
     ports: dict[str, int] = {}
     try:
         procs[0].start()
         procs[0].wait_port(origin_port)
         for name, src in trees:
-            proc, port = proxy(name.replace(" ", "-"), src, run_dir, origin_port, username, password, token)
+            proc, port = proxy_proc(name.replace(" ", "-"), src, os.path.join(run_dir, name.replace(" ", "-")),
+                                    proxy_manifests(origin_port, username, password), token, "proxy.log")
             procs.append(proc)
             proc.start()
             proc.wait_port(port)

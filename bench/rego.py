@@ -40,13 +40,13 @@ from collections.abc import Sequence
 from run import (  # bench/run.py: the same process handling
     NAMESPACE,
     ROOT,
-    Proc,
     children,
     cpu_seconds,
     free_port,
     need,
-    nginx_config,
+    nginx_proc,
     parse_wrk,
+    proxy_proc,
 )
 
 ORIGIN = """\
@@ -210,25 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     origin = free_port()
     prefix = os.path.join(run_dir, "origin")
-    os.makedirs(prefix)
-    conf = os.path.join(prefix, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(nginx_config(prefix, 1, ORIGIN.format(port=origin, www=www, authorization=authorization, pat=pat),
-                             os.path.join(prefix, "tmp")))
-    objects = os.path.join(run_dir, "objects.yaml")
-    with open(objects, "w") as f:
-        f.write(manifests(origin, username, password, pat))
-    tokens = os.path.join(run_dir, "tokens.csv")
-    with open(tokens, "w") as f:
-        f.write(f'{token},system:serviceaccount:{NAMESPACE}:client,uid-1,"system:serviceaccounts"\n')
-    port, admin = free_port(), free_port()
-    proxy = Proc("connectors-proxy", [
-        sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
-        "-n", "--pidfile=", "connectors-proxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-        "--admin", f"tcp:{admin}:interface=127.0.0.1", "--manifests", objects, "--tokens", tokens,
-    ], os.path.join(run_dir, "proxy.log"), env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
-    nginx = Proc("origin", ["nginx", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
-                 os.path.join(prefix, "stdout.log"))
+    nginx = nginx_proc("origin", prefix, 1,
+                       ORIGIN.format(port=origin, www=www, authorization=authorization, pat=pat),
+                       os.path.join(prefix, "tmp"))
+    proxy, port = proxy_proc("connectors-proxy", ROOT, run_dir, manifests(origin, username, password, pat), token,
+                             "proxy.log")
     names = ["plain", "rego", "rego-uncached"]
     results: dict[tuple[str, int], list[dict[str, float]]] = {(n, c): [] for n in names for c in (1, 50)}
     try:

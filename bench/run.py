@@ -293,6 +293,46 @@ stringData: {{username: {username}, password: {password}}}
 """
 
 
+def nginx_proc(name: str, prefix: str, workers: int, server: str, body_temp: str) -> Proc:
+    """nginx serving C{server}, its configuration and logs under C{prefix} (not started)."""
+    os.makedirs(prefix, exist_ok=True)
+    conf = os.path.join(prefix, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(nginx_config(prefix, workers, server, body_temp))
+    return Proc(name, ["nginx", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
+                os.path.join(prefix, "stdout.log"))
+
+
+def proxy_proc(name: str, src: str, folder: str, manifests: str, token: str, log: str,
+               listen_options: str = "") -> tuple[Proc, int]:
+    """
+    The real C{twistd -n connectors-proxy} from the tree C{src}, with
+    C{manifests} (text) and the client C{token}, its files in C{folder},
+    its output in C{folder}/C{log}; the process (not started; its
+    C{admin_port} set) and the port it serves on.
+    """
+    os.makedirs(folder, exist_ok=True)
+    objects = os.path.join(folder, "objects.yaml")
+    with open(objects, "w") as f:
+        f.write(manifests)
+    tokens = os.path.join(folder, "tokens.csv")
+    with open(tokens, "w") as f:
+        f.write(f'{token},system:serviceaccount:{NAMESPACE}:client,uid-1,"system:serviceaccounts"\n')
+    port, admin = free_port(), free_port()
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    argv = [sys.executable, "-c", "import sys, connectors_proxy; print('connectors_proxy from', "
+            "connectors_proxy.__path__[0], flush=True); from twisted.scripts.twistd import run; sys.exit(run())",
+            "-n", "--pidfile=", "connectors-proxy",
+            "--listen", f"tcp:{port}:interface=127.0.0.1{listen_options}",
+            "--admin", f"tcp:{admin}:interface=127.0.0.1",
+            "--manifests", objects, "--tokens", tokens]
+    # "python -c" puts the working directory first on sys.path: it must be
+    # the tree under test, or another checkout's modules would be used.
+    proc = Proc(name, argv, os.path.join(folder, log), env=env, cwd=src)
+    proc.admin_port = admin  # type: ignore[attr-defined]
+    return proc, port
+
+
 def make_file(path: str, size: int) -> None:
     """A file of C{size} bytes of incompressible data (kept between runs)."""
     if os.path.exists(path) and os.path.getsize(path) == size:
@@ -497,36 +537,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets: list[Target] = []
 
     def nginx(name: str, workers: int, server: str) -> Proc:
-        prefix = os.path.join(run_dir, name)
-        os.makedirs(prefix, exist_ok=True)
-        conf = os.path.join(prefix, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(nginx_config(prefix, workers, server, os.path.join(shm, f"tmp-{name}")))
-        return Proc(name, ["nginx", "-p", prefix, "-c", conf, "-e", os.path.join(prefix, "error.log")],
-                    os.path.join(prefix, "stdout.log"))
+        return nginx_proc(name, os.path.join(run_dir, name), workers, server, os.path.join(shm, f"tmp-{name}"))
 
     def cp_proc(name: str, src: str) -> tuple[Proc, int]:
-        folder = os.path.join(run_dir, name)
-        os.makedirs(folder, exist_ok=True)
-        manifests = os.path.join(folder, "objects.yaml")
-        with open(manifests, "w") as f:
-            f.write(proxy_manifests(origin_port, username, password))
-        tokens = os.path.join(folder, "tokens.csv")
-        with open(tokens, "w") as f:
-            f.write(f'{client_token},system:serviceaccount:{NAMESPACE}:client,uid-1,"system:serviceaccounts"\n')
-        port, admin = free_port(), free_port()
-        env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        argv = [sys.executable, "-c", "import sys, connectors_proxy; print('connectors_proxy from', "
-                "connectors_proxy.__path__[0], flush=True); from twisted.scripts.twistd import run; sys.exit(run())",
-                "-n", "--pidfile=", "connectors-proxy",
-                "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
-                "--admin", f"tcp:{admin}:interface=127.0.0.1",
-                "--manifests", manifests, "--tokens", tokens]
-        # "python -c" puts the working directory first on sys.path: it must be
-        # the tree under test, or another checkout's modules would be used.
-        proc = Proc(name, argv, os.path.join(folder, "access.log"), env=env, cwd=src)
-        proc.admin_port = admin  # type: ignore[attr-defined]
-        return proc, port
+        return proxy_proc(name, src, os.path.join(run_dir, name), proxy_manifests(origin_port, username, password),
+                          client_token, "access.log", listen_options=":backlog=4096")
 
     try:
         origin = nginx("origin", 2, ORIGIN_SERVER.format(port=origin_port, www=www, shm=shm,

@@ -429,8 +429,10 @@ class ConnectorsResource(Resource):
         """Connect to C{host:port} through the forward proxy's guard, answer 200, relay bytes."""
         assert self.forward_agents is not None
         target = authority(host, port)
+        # The idle timeout of the site's connections (the channel's own is
+        # off while it handles a request).
         d = open_tunnel(self.forward_agents, host, port, self.forward_agents.reactor,
-                        getattr(request.channel, "timeOut", None))
+                        getattr(request.channel.site, "timeOut", None))
         # A client that leaves while the target is being reached cancels it.
         request.notifyFinish().addErrback(lambda _: d.cancel())
         try:

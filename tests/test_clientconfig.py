@@ -22,7 +22,6 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -36,6 +35,7 @@ from connectors_proxy import clientconfig
 from connectors_proxy.clientconfig import ClientConfigError, connector_info, render_files
 from connectors_proxy.testing.fakekube import start_fake_kube
 
+from .support.command import run_main
 from .support.procs import check, free_port, require, run, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,13 +380,7 @@ class TemplateAgreementTests(SynchronousTestCase):
 
 class CommandTests(SynchronousTestCase):
     def main(self, *argv: str) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                code = clientconfig.main(list(argv))
-            except SystemExit as e:
-                code = int(e.code or 0)
-        return code, out.getvalue(), err.getvalue()
+        return run_main(clientconfig.main, argv)
 
     def setUp(self) -> None:
         self.token = self.mktemp()

@@ -21,7 +21,6 @@ import json
 import os
 import secrets
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +29,17 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from connectors_proxy.kube.cluster import ClusterMode
-from connectors_proxy.kube.config import load_kubeconfig
 from connectors_proxy.kube.reconcile import World, class_proxy_url, decide, desired_service, format_time, proxy_url
 from connectors_proxy.model.objects import InvalidObject, parse_connector, parse_connector_class
-from connectors_proxy.model.state import Store
 from connectors_proxy.testing.fakekube import start_fake_kube
 
 from . import test_kube_e2e as e2e
 from .support.procs import free_port, start_server
-from .test_kube_e2e import PROXY_SA, Upstream, eventually, namespace, sleep
+from .support.proxy import until_ready
+from .support.waiting import eventually, sleep
+from .test_kube_e2e import PROXY_SA, namespace
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ROOT / "k8s" / "classes"
@@ -274,13 +272,7 @@ class ClusterCoexistenceTests(TestCase):
         self.fake.add_token(self.proxy_token, PROXY_SA, groups=["system:serviceaccounts"])
 
     def start(self, **kw: Any) -> ClusterMode:
-        path = self.mktemp() + ".kubeconfig"
-        self.server.write_kubeconfig(path, token=self.proxy_token, namespace="connectors-system")
-        kw.setdefault("stale_after", 1.0)
-        mode = ClusterMode(reactor, load_kubeconfig(path), Store(), **kw)
-        mode.startService()
-        self.addCleanup(mode.stopService)
-        return mode
+        return e2e.start_cluster_mode(self, self.server, self.proxy_token, **kw)
 
     def seed(self) -> None:
         self.fake.apply(
@@ -367,9 +359,7 @@ class DaemonCoexistenceTests(TestCase):
     async def _daemon(self) -> None:
         import treq
 
-        upstream = Upstream()
-        up = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
-        self.addCleanup(up.stopListening)
+        upstream, address = e2e.listen_upstream(self)
         fake, server = start_fake_kube(self, reactor)
         fake.apply(namespace("team"), namespace("connectors-system"),
                    *[upstream_class(name) for name in UPSTREAM_CLASSES])
@@ -379,14 +369,10 @@ class DaemonCoexistenceTests(TestCase):
                            "proxy": {"httpAddress": {"url": "http://c-sonar.team.svc.cluster.local"}}}
         fake.apply(secret_doc("sonar-token", type="connectors.cpaas.io/bearer-token", token=password),
                    connector("sonar", cls="sonarqube", secret="sonar-token", auth="tokenAuth",
-                             address=f"http://127.0.0.1:{up.getHost().port}", status=upstream_status))
+                             address=address, status=upstream_status))
         proxy_token = secrets.token_hex(16)
         fake.add_token(proxy_token, PROXY_SA, groups=["system:serviceaccounts"])
-        client_token = secrets.token_hex(16)
-        user = "system:serviceaccount:team:builder"
-        fake.add_token(client_token, user)
-        fake.allow(user=user, verbs=["get"], api_groups=["connectors.alauda.io"],
-                   resources=["connectors"], namespace="team", names=["sonar"])
+        client_token = e2e.builder_token(fake, "sonar")
         kubeconfig = server.write_kubeconfig(self.mktemp() + ".kubeconfig", token=proxy_token,
                                              namespace="connectors-system")
         port, admin = free_port(), free_port()
@@ -401,16 +387,7 @@ class DaemonCoexistenceTests(TestCase):
         proc = await start_server(self, argv, port=port, name="connectors-proxy",
                                   env={"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
         pool = HTTPConnectionPool(reactor, persistent=False)
-
-        async def ready() -> bool:
-            response = await treq.get(f"http://127.0.0.1:{admin}/readyz", pool=pool)
-            await response.content()
-            return response.code == 200
-
-        deadline = time.monotonic() + 30
-        while not await ready():
-            self.assertLess(time.monotonic(), deadline, proc.log()[-3000:])
-            await sleep(0.1)
+        await until_ready(self, admin, proc.log, pool)
         response = await treq.get(f"http://127.0.0.1:{port}/namespaces/team/connectors/sonar/api/system/status",
                                   headers={"Authorization": f"Bearer {client_token}"}, pool=pool)
         body = await response.content()

@@ -24,6 +24,7 @@ never reaches an upstream.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import secrets
 import socket
@@ -51,7 +52,7 @@ from connectors_proxy.tls.mint import CertificateAuthority
 from connectors_proxy.upstream.forward import ForwardAgents, ForwardGuard
 from tests.support.gitserver import fresh_home, git_env, has_secret, start_git_server
 from tests.support.nginx import start_nginx_server
-from tests.support.procs import Server, check, free_port, require, run
+from tests.support.procs import Server, check, free_port, require, run, start_server
 from tests.support.proxy import (
     ROOT,
     LogCapture,
@@ -67,6 +68,7 @@ from tests.support.proxy import (
     token_file_text,
     write_setup,
 )
+from tests.support.registry import Podman, TokenServer, build_image, skopeo
 
 NS = "ns1"
 
@@ -248,13 +250,14 @@ _HTTPS = """\
     }}
 {git}"""
 
-_GIT_FRONT = """\
+_FRONT = """\
     server {{
         listen 127.0.0.1:{port} ssl;
         location / {{
             proxy_pass http://127.0.0.1:{git_port};
             proxy_http_version 1.1;
             proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-Proto https;
             proxy_request_buffering off;
             proxy_buffering off;
         }}
@@ -273,7 +276,8 @@ class HTTPSUpstream:
     username: str
     password: str
     ca: CertificateAuthority
-    git_port: int | None = None
+    #: The TLS fronts' ports, one per backend given to L{start_https_upstream}.
+    fronts: tuple[int, ...] = ()
 
     @property
     def ca_pem(self) -> str:
@@ -296,12 +300,19 @@ class HTTPSUpstream:
             f.write(data)
 
 
-async def start_https_upstream(test: TestCase, git_port: int | None = None) -> HTTPSUpstream:
+async def start_https_upstream(test: TestCase, backends: Sequence[int] = (),
+                               names: Sequence[str] = ("localhost", "127.0.0.1")) -> HTTPSUpstream:
+    """
+    nginx over HTTPS with a certificate for C{names} from a CA of its own;
+    for each of C{backends}, also a TLS front (in C{fronts} of the result)
+    for the plain-HTTP server on that loopback port (git-http-backend, a
+    registry, its token server).
+    """
     tmp = os.path.abspath(test.mktemp())
     root = os.path.join(tmp, "www")
     os.makedirs(root)
     ca = CertificateAuthority.generate("upstream CA " + secrets.token_hex(3), time.time())
-    leaf = ca.mint(["localhost", "127.0.0.1"], time.time())
+    leaf = ca.mint(list(names), time.time())
     for name, data in (("server.crt", leaf.cert_pem()), ("server.key", leaf.key_pem())):
         with open(os.path.join(tmp, name), "wb") as f:
             f.write(data)
@@ -309,11 +320,11 @@ async def start_https_upstream(test: TestCase, git_port: int | None = None) -> H
     check(await run([require("htpasswd"), "-bc", os.path.join(tmp, "htpasswd"), username, password]))
     open(os.path.join(tmp, "access.log"), "w").close()
     port = free_port()
-    front = free_port() if git_port is not None else None
-    git = _GIT_FRONT.format(port=front, git_port=git_port) if git_port is not None else ""
+    fronts = tuple(free_port() for _ in backends)
+    git = "".join(_FRONT.format(port=front, git_port=backend) for front, backend in zip(fronts, backends, strict=True))
     server = await start_nginx_server(test, tmp, port, _HTTPS_LOG_FIELDS,
                                       _HTTPS.format(tmp=tmp, root=root, port=port, git=git))
-    upstream = HTTPSUpstream(server, port, tmp, root, username, password, ca, front)
+    upstream = HTTPSUpstream(server, port, tmp, root, username, password, ca, fronts)
     for sub in ("basic", "open"):
         upstream.write_file(f"{sub}/small.txt", b"hello from " + sub.encode() + b"\n")
     return upstream
@@ -579,6 +590,53 @@ def _plain_inside(port: int, target: str, authorization: str) -> bytes:
             data += chunk
 
 
+def _pipelined(port: int, target: str, authorization: str | None, ca_file: str) -> tuple[bytes, bytes]:
+    """
+    CONNECT and the TLS ClientHello in one write, without waiting for the
+    200 (as some clients do); then a GET inside.  The proxy's answer to
+    the CONNECT, and what came back inside (or after it).
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=target.rsplit(":", 1)[0])
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    head = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"
+    if authorization is not None:
+        head += f"Proxy-Authorization: {authorization}\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(head.encode() + b"\r\n" + outgoing.read())
+        answer = _read_head(sock)
+        connect, _, rest = answer.partition(b"\r\n\r\n")
+        if not connect.startswith(b"HTTP/1.1 200 "):
+            while chunk := sock.recv(4096):
+                rest += chunk
+            return connect, rest
+        incoming.write(rest)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        tls.write(f"GET /basic/small.txt HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(outgoing.read())
+        inside = b""
+        while True:
+            try:
+                inside += tls.read(65536)
+            except ssl.SSLWantReadError:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return connect, inside
+                incoming.write(chunk)
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return connect, inside
+
+
 class HostileTests(TestCase):
     """What hostile or broken clients get from CONNECT."""
 
@@ -590,7 +648,8 @@ class HostileTests(TestCase):
         target = f"localhost:{upstream.port}"
         proxy = await start_connect_proxy(self, upstream_objects(upstream, connector(
             NS, "api", "rest", f"https://{target}/basic", secret="creds",
-            caCertSecretRef={"name": "upstream-ca"})), {token: sa(NS)}, idle_timeout=3)
+            caCertSecretRef={"name": "upstream-ca"})), {token: sa(NS)}, idle_timeout=3,
+            exempt=[("127.0.0.1", upstream.port)])
         auth = basic(f"{NS}/api", token)
 
         # No credentials: 407 with the challenge, and the connection can carry the retry.
@@ -601,6 +660,16 @@ class HostileTests(TestCase):
         retry = await threads.deferToThread(_read_head, sock)
         self.assertEqual(retry, b"HTTP/1.1 200 Connection established\r\n\r\n")
         sock.close()
+
+        # The ClientHello sent with the CONNECT, before its 200: kept for the tunnel, never parsed as HTTP.
+        connect, inside = await threads.deferToThread(_pipelined, proxy.port, target, auth, proxy.ca_path)
+        self.assertEqual(connect, b"HTTP/1.1 200 Connection established")
+        self.assertTrue(inside.startswith(b"HTTP/1.1 200 OK\r\n"), inside)
+        self.assertTrue(inside.endswith(b"hello from basic\n"), inside)
+        # Refused so: the bytes after it are not a next request; the connection closes after the 407.
+        connect, after = await threads.deferToThread(_pipelined, proxy.port, target, None, proxy.ca_path)
+        self.assertTrue(connect.startswith(b"HTTP/1.1 407 "), connect)
+        self.assertNotIn(b"HTTP/1.1 400", after)
 
         # A TLS client asking for another name than its CONNECT did: a failed handshake, no certificate.
         refused = proxy.root.intercept.refused_names
@@ -623,13 +692,15 @@ class HostileTests(TestCase):
             sock.close()
             self.assertTrue(head.startswith(b"HTTP/1.1 400 "), (bad, head))
 
-        # Many idle tunnels do not stop others, and the idle timeout closes them.
+        # Many idle tunnels (intercepted, and a few plain ones) do not stop others, and the idle timeout
+        # closes them.
         many = 200
 
         def open_idle() -> list[socket.socket]:
             socks = []
-            for _ in range(many):
-                s, h = raw_connect(proxy.port, target, auth)
+            for i in range(many):
+                where = f"127.0.0.1:{upstream.port}" if i % 20 == 0 else target
+                s, h = raw_connect(proxy.port, where, auth)
                 assert h.startswith(b"HTTP/1.1 200 "), h
                 socks.append(s)
             return socks
@@ -649,11 +720,14 @@ class HostileTests(TestCase):
                     try:
                         if s.recv(1) == b"":
                             count += 1
+                    except TimeoutError:
+                        pass
                     except OSError:
                         count += 1
                 return count
 
             self.assertEqual(await threads.deferToThread(closed_by_proxy), many)
+            self.assertLess(time.monotonic() - started, 10, "closed by the idle timeout (3 s)")
         finally:
             for s in idle:
                 s.close()
@@ -673,9 +747,9 @@ class GitTests(TestCase):
     async def _git(self) -> None:
         server = await start_git_server(self)
         first = await server.create_repo("team/app")
-        upstream = await start_https_upstream(self, git_port=server.port)
+        upstream = await start_https_upstream(self, backends=[server.port])
         token = "client-" + secrets.token_hex(16)
-        origin = f"https://localhost:{upstream.git_port}"
+        origin = f"https://localhost:{upstream.fronts[0]}"
         proxy = await start_connect_proxy(self, [
             connector_class("git", protocol="git"),
             basic_secret(NS, "git-creds", server.username, server.password),
@@ -928,3 +1002,102 @@ class TLSListenerTests(TestCase):
 
     def test_nested(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._nested())
+
+
+class OCITests(TestCase):
+    """
+    skopeo and podman (Go clients) through C{HTTPS_PROXY} to a token-auth
+    registry over HTTPS: the proxy intercepts, answers the registry's token
+    challenge itself and never shows the client a registry credential.
+
+    Go never proxies loopback targets, so the registry is addressed as
+    C{registry.test}, a name only the proxy resolves: it runs as the real
+    daemon under C{unshare --mount} with a private C{/etc/hosts} bound over
+    the machine's (which stays untouched).
+    """
+
+    timeout = 300
+
+    async def _start(self) -> tuple[TokenServer, str, Any, str, str, Any]:
+        # A registry trusting a token server, both behind nginx's TLS: the
+        # proxy sends the Connector's credentials to an https:// realm only.
+        user, password = "user-" + secrets.token_hex(4), "canary-" + secrets.token_hex(16)
+        tokens = TokenServer(users={user: password})
+        tokens.listen(self)
+        registry_port = free_port()
+        upstream = await start_https_upstream(self, backends=[registry_port, tokens.port], names=("registry.test",))
+        origin = f"registry.test:{upstream.fronts[0]}"
+        bundle = os.path.abspath(self.mktemp() + "-root.pem")
+        with open(bundle, "wb") as f:
+            f.write(tokens.signing_key.certificate_pem())
+        storage = os.path.abspath(self.mktemp())
+        os.makedirs(storage)
+        config = os.path.abspath(self.mktemp() + "-registry.yml")
+        with open(config, "w") as f:
+            json.dump({"version": 0.1, "log": {"level": "info"},
+                       "storage": {"filesystem": {"rootdirectory": storage}},
+                       "http": {"addr": f"127.0.0.1:{registry_port}", "secret": secrets.token_hex(16)},
+                       "auth": {"token": {"realm": f"https://registry.test:{upstream.fronts[1]}/token",
+                                          "service": tokens.service, "issuer": tokens.issuer,
+                                          "rootcertbundle": bundle}}}, f)
+        await start_server(self, [require("docker-registry"), "serve", config], port=registry_port,
+                           name="docker-registry")
+        token = "client-" + secrets.token_hex(16)
+        args = write_setup(self, [
+            connector_class("oci", protocol="oci"),
+            basic_secret(NS, "reg-creds", user, password),
+            secret(NS, "upstream-ca", "Opaque", **{"ca.crt": upstream.ca_pem}),
+            connector(NS, "reg", "oci", f"https://{origin}", secret="reg-creds",
+                      caCertSecretRef={"name": "upstream-ca"}),
+        ], {token: sa(NS)})
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        ca = write_ca(folder, CertificateAuthority.generate("oci CA", time.time()))
+        hosts = os.path.join(folder, "hosts")
+        with open(hosts, "w") as f:
+            f.write("127.0.0.1 localhost\n127.0.0.1 registry.test\n")
+        port, admin = free_port(), free_port()
+        argv = [require("unshare"), "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts,
+                sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
+                "-n", "--pidfile=", "connectors-proxy", *args, "--listen", f"tcp:{port}:interface=127.0.0.1",
+                "--admin", f"tcp:{admin}:interface=127.0.0.1", "--proxy-ca-cert", ca["ca.crt"],
+                "--proxy-ca-key", ca["ca.key"]]
+        server = await start_server(self, argv, port=port, env={"PYTHONPATH": ROOT}, name="connectors-proxy")
+        cert_dir = os.path.join(folder, "certs")
+        os.makedirs(cert_dir)
+        with open(os.path.join(cert_dir, "ca.crt"), "w") as f, open(ca["ca.crt"]) as source:
+            f.write(source.read())
+        env = {**CURL_ENV, "HTTPS_PROXY": f"http://{proxy_user(token, f'{NS}/reg')}@127.0.0.1:{port}"}
+        return tokens, password, server, origin, cert_dir, env
+
+    async def _skopeo_podman(self) -> None:
+        token_server, password, server, origin, cert_dir, env = await self._start()
+        image = await build_image("connect-small", (1000, 300_000))
+        ref = f"docker://{origin}/test/abc:v1"
+        outputs = [check(await run(skopeo("copy", f"--dest-cert-dir={cert_dir}", image.reference, ref), env=env))]
+        outputs.append(check(await run(skopeo("inspect", "--raw", f"--cert-dir={cert_dir}", ref), env=env)))
+        manifest = json.loads(outputs[-1].stdout)
+        self.assertEqual([layer["size"] for layer in manifest["layers"]], list(image.layer_sizes))
+        outputs.append(check(await run(skopeo("inspect", "--raw", "--tls-verify=false", ref), env=env)))
+        # Without the proxy CA, the Go client refuses the minted certificate.
+        refused = await run(skopeo("inspect", "--raw", ref), env=env)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn(b"certificate", refused.stderr)
+        podman = Podman.isolated(self)
+        with open(podman.env["REGISTRY_AUTH_FILE"], "w") as f:
+            f.write("{}")  # no login at all: the proxy has the registry's credentials
+        outputs.append(check(await run(podman.argv("pull", "--tls-verify=false", f"{origin}/test/abc:v1"),
+                                       env={**env, **podman.env})))
+        # The proxy took the registry's tokens; none, and no password, reached a client or the log.
+        tokens = token_server.tokens
+        self.assertTrue(tokens, "the proxy answered the registry's token challenge")
+        self.assertTrue(all(r.account for r in token_server.requests), "always with the Connector's user")
+        seen = [o.stdout for o in outputs] + [o.stderr for o in outputs] + [refused.stderr, server.log()]
+        for output in seen:
+            for issued in tokens:
+                self.assertNotIn(issued.encode() if isinstance(output, bytes) else issued, output)
+        no_canary(self, seen, password)
+        self.assertIn("mode=connect", server.log())
+
+    def test_skopeo_and_podman(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._skopeo_podman())

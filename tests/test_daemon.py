@@ -30,6 +30,7 @@ from .support.proxy import (
     manifests_text,
     sa,
     start_proxy_process,
+    write_file,
     write_setup,
 )
 
@@ -48,12 +49,7 @@ class CommandLine(TestCase):
     timeout = 120
 
     def write(self, name: str, text: str) -> str:
-        folder = self.mktemp()
-        os.makedirs(folder)
-        path = os.path.join(folder, name)
-        with open(path, "w") as f:
-            f.write(text)
-        return path
+        return write_file(self, name, text)
 
     @inlineCallbacks
     def assertOneLine(self, args, *expected):  # type: ignore[no-untyped-def]

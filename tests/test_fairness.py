@@ -6,13 +6,11 @@ namespace out of it.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -21,6 +19,7 @@ from connectors_proxy.model.objects import ObjectRef
 from connectors_proxy.server.limits import ConcurrencyLimiter
 
 from .support.proxy import basic_secret, connector, connector_class, sa, start_proxy
+from .support.waiting import eventually
 
 
 class Held(Resource):
@@ -60,13 +59,6 @@ class Held(Resource):
 class SharedConnectorTests(TestCase):
     timeout = 60
 
-    async def _wait_for(self, condition: Any) -> None:
-        deadline = time.monotonic() + 10
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting")
-            await deferLater(reactor, 0.01, lambda: None)
-
     def test_flooding_identity_does_not_lock_out_another_namespace(self) -> Deferred[None]:
         """
         With 4 slots and a queue of 4, identity A sends 8 slow requests (4
@@ -101,17 +93,17 @@ class SharedConnectorTests(TestCase):
                 return d.addCallback(seen)
 
             flood = [get("token-a", "a") for _ in range(8)]
-            await self._wait_for(lambda: len(upstream.waiting) == 4 and len(lane.waiting) == 4)
+            await eventually(lambda: len(upstream.waiting) == 4 and len(lane.waiting) == 4)
 
             other = get("token-b", "b")
             # B is queued (not refused): one of A's queued requests made room.
-            await self._wait_for(lambda: len(answered) == 1)
+            await eventually(lambda: len(answered) == 1)
             self.assertEqual(answered, [("a", 503)])
             self.assertEqual(len(lane.waiting), 4)
 
             # The next free slot is B's, although A's requests came first.
             upstream.release(1)
-            await self._wait_for(lambda: b"b" in upstream.paths())
+            await eventually(lambda: b"b" in upstream.paths())
             self.assertEqual(upstream.paths(), [b"a", b"a", b"a", b"b"])
 
             upstream.open()
@@ -119,6 +111,6 @@ class SharedConnectorTests(TestCase):
             self.assertEqual((response.code, await response.content()), (200, b"done\n"))
             codes = [r.code for r in await gatherResults(flood)]
             self.assertEqual(sorted(codes), [200] * 7 + [503])
-            await self._wait_for(lambda: lane.active == 0)
+            await eventually(lambda: lane.active == 0)
 
         return Deferred.fromCoroutine(run())

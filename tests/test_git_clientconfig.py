@@ -6,16 +6,15 @@ The client-configuration writers (connectors_proxy/clientconfig.py): the
 from __future__ import annotations
 
 import base64
-import io
 import os
 import stat
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from connectors_proxy import clientconfig
+from tests.support.command import run_main
 from tests.support.gitserver import git_env
 from tests.support.procs import check, run
 
@@ -60,13 +59,7 @@ class PureTests(SynchronousTestCase):
 
 class CommandTests(SynchronousTestCase):
     def _main(self, *argv: str) -> tuple[int, str, str]:
-        out, err = io.StringIO(), io.StringIO()
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                code = clientconfig.main(list(argv))
-            except SystemExit as e:
-                code = int(e.code or 0)
-        return code, out.getvalue(), err.getvalue()
+        return run_main(clientconfig.main, argv)
 
     def _token_file(self) -> str:
         path = self.mktemp()

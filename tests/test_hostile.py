@@ -7,52 +7,15 @@ from __future__ import annotations
 
 import secrets
 import socket
-import time
 
 from twisted.internet import threads
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
 
-from .support.nginx import start_nginx
-from .support.proxy import basic, basic_secret, connector, connector_class, sa, start_proxy
-
-
-def exchange(port: int, data: bytes, timeout: float = 5.0, shutdown: bool = False) -> tuple[bytes, float]:
-    """Send C{data}, read until the server closes (or C{timeout}); the answer and how long it took."""
-    started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        if shutdown:
-            s.shutdown(socket.SHUT_WR)
-        chunks = []
-        try:
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        except (TimeoutError, ConnectionResetError):
-            pass
-    return b"".join(chunks), time.monotonic() - started
+from .support.proxy import basic
+from .support.wire import NginxBehindProxy
 
 
-class HostileInput(TestCase):
-    timeout = 120
-
-    @inlineCallbacks
-    def setUp(self):  # type: ignore[no-untyped-def]
-        self.nginx = yield start_nginx(self)
-        self.token = secrets.token_hex(16)
-        n = self.nginx
-        self.proxy = yield start_proxy(self, [
-            connector_class("http"),
-            connector("default", "basic", "http", n.url + "/basic", secret="s"),
-            basic_secret("default", "s", n.username, n.password),
-        ], {self.token: sa("default")})
-
-    def ask(self, data: bytes, **kw):  # type: ignore[no-untyped-def]
-        return threads.deferToThread(exchange, self.proxy.port, data, **kw)
-
+class HostileInput(NginxBehindProxy):
     @inlineCallbacks
     def assertStillServes(self):  # type: ignore[no-untyped-def]
         auth = basic("x", self.token)

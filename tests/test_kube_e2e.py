@@ -13,13 +13,12 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -32,6 +31,8 @@ from connectors_proxy.kube.identity import ReviewUnavailable
 from connectors_proxy.model.objects import ObjectRef
 from connectors_proxy.model.state import Store
 from connectors_proxy.testing.fakekube import FakeKube, start_fake_kube
+
+from .support.waiting import eventually, sleep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROXY_SA = "system:serviceaccount:connectors-system:connectors-proxy"
@@ -74,19 +75,28 @@ def conditions(obj: dict[str, Any] | None) -> dict[str, tuple[str, str]]:
             for c in ((obj or {}).get("status") or {}).get("conditions", [])}
 
 
-async def eventually(check: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await deferLater(reactor, 0.02, lambda: None)
+#: The client workloads' ServiceAccount.
+BUILDER = "system:serviceaccount:team:builder"
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
+def builder_token(fake: FakeKube, name: str = "harbor", groups: Iterable[str] = ()) -> str:
+    """A new token of L{BUILDER}, which may use Connector C{team/NAME}."""
+    token = secrets.token_hex(16)
+    fake.add_token(token, BUILDER, groups=groups)
+    fake.allow(user=BUILDER, verbs=["get"], api_groups=["connectors.alauda.io"],
+               resources=["connectors"], namespace="team", names=[name])
+    return token
+
+
+def start_cluster_mode(test: TestCase, server: Any, proxy_token: str, **kw: Any) -> ClusterMode:
+    """Cluster mode against C{server}, as the proxy's ServiceAccount (C{proxy_token}); stopped at cleanup."""
+    path = test.mktemp() + ".kubeconfig"
+    server.write_kubeconfig(path, token=proxy_token, namespace="connectors-system")
+    kw.setdefault("stale_after", 1.0)
+    mode = ClusterMode(reactor, load_kubeconfig(path), Store(), **kw)
+    mode.startService()
+    test.addCleanup(mode.stopService)
+    return mode
 
 
 class ClusterModeTests(TestCase):
@@ -111,13 +121,7 @@ class ClusterModeTests(TestCase):
         self.fake.apply(oci_class(), secret(), connector())
 
     def start(self, **kw: Any) -> ClusterMode:
-        path = os.path.join(self.mktemp() + ".kubeconfig")
-        self.server.write_kubeconfig(path, token=self.proxy_token, namespace="connectors-system")
-        kw.setdefault("stale_after", 1.0)
-        mode = ClusterMode(reactor, load_kubeconfig(path), Store(), **kw)
-        mode.startService()
-        self.addCleanup(mode.stopService)
-        return mode
+        return start_cluster_mode(self, self.server, self.proxy_token, **kw)
 
     def connector_obj(self, name: str = "harbor") -> dict[str, Any] | None:
         return self.fake.object("connectors", "team", name)
@@ -305,17 +309,13 @@ class ClusterModeTests(TestCase):
     async def _identity(self) -> None:
         self.seed()
         mode = self.start()
-        client_token = secrets.token_hex(16)
-        user = "system:serviceaccount:team:builder"
-        self.fake.add_token(client_token, user, groups=["system:serviceaccounts"])
-        self.fake.allow(user=user, verbs=["get"], api_groups=["connectors.alauda.io"],
-                        resources=["connectors"], namespace="team", names=["harbor"])
+        client_token = builder_token(self.fake, groups=["system:serviceaccounts"])
         v = mode.verifier
         for _ in range(1000):
             identity = await v.authenticate(client_token)
             assert identity is not None
             self.assertTrue(await v.authorize(identity, "team", "harbor"))
-        self.assertEqual(identity.username, user)
+        self.assertEqual(identity.username, BUILDER)
         self.assertEqual(self.fake.count("create", "tokenreviews"), 1)
         self.assertEqual(self.fake.count("create", "subjectaccessreviews"), 1)
         self.assertFalse(await v.authorize(identity, "team", "other"))
@@ -374,6 +374,14 @@ class Upstream(Resource):
         return json.dumps(seen).encode()
 
 
+def listen_upstream(test: TestCase) -> tuple[Upstream, str]:
+    """An L{Upstream} on a free loopback port, stopped at cleanup; it and its address."""
+    upstream = Upstream()
+    listening = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
+    test.addCleanup(listening.stopListening)
+    return upstream, f"http://127.0.0.1:{listening.getHost().port}"
+
+
 class ThroughTheProxyTests(TestCase):
     """A REST request through the proxy, authenticated by TokenReview."""
 
@@ -382,37 +390,21 @@ class ThroughTheProxyTests(TestCase):
     async def _through(self) -> None:
         import treq
 
-        from connectors_proxy.tap import proxy_site
-        from tests.support.proxy import capture_logs
+        from tests.support.proxy import capture_logs, serve_site
 
         logs = capture_logs(self)
-        upstream = Upstream()
-        up = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
-        self.addCleanup(up.stopListening)
+        upstream, address = listen_upstream(self)
         fake, server = start_fake_kube(self, reactor)
         password = secrets.token_hex(12)
         fake.apply(namespace("team"), oci_class(), secret(password=password),
-                   connector(address=f"http://127.0.0.1:{up.getHost().port}/api"))
-        client_token = secrets.token_hex(16)
-        user = "system:serviceaccount:team:builder"
-        fake.add_token(client_token, user)
-        fake.allow(user=user, verbs=["get"], api_groups=["connectors.alauda.io"],
-                   resources=["connectors"], namespace="team", names=["harbor"])
+                   connector(address=address + "/api"))
+        client_token = builder_token(fake)
         mode = ClusterMode(reactor, load_kubeconfig(server.write_kubeconfig(
             self.mktemp() + ".kubeconfig")), Store())
         mode.startService()
         self.addCleanup(mode.stopService)
         await eventually(lambda: mode.store.ready, what="synced")
-        site, _, agents = proxy_site(mode.store, mode.verifier, reactor)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-
-        async def stop() -> None:
-            await port.stopListening()
-            for channel in list(site.channels):
-                channel.transport.abortConnection()
-            await agents.close()
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-        url = f"http://127.0.0.1:{port.getHost().port}/namespaces/team/connectors/harbor/v1/x?q=1"
+        url = serve_site(self, mode.store, mode.verifier) + "/namespaces/team/connectors/harbor/v1/x?q=1"
         pool = HTTPConnectionPool(reactor, persistent=False)
 
         async def get(token: str | None) -> tuple[int, bytes]:
@@ -462,36 +454,21 @@ class DaemonTests(TestCase):
     async def _daemon(self) -> None:
         import treq
 
-        from tests.support.proxy import start_proxy_process
+        from tests.support.proxy import start_proxy_process, until_ready
 
-        upstream = Upstream()
-        up = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
-        self.addCleanup(up.stopListening)
+        upstream, address = listen_upstream(self)
         fake, server = start_fake_kube(self, reactor)
         fake.apply(namespace("team"), namespace("connectors-system"), oci_class(), secret(),
-                   connector(address=f"http://127.0.0.1:{up.getHost().port}"))
+                   connector(address=address))
         ClusterModeTests.apply_rbac(fake)
         proxy_token = secrets.token_hex(16)
         fake.add_token(proxy_token, PROXY_SA, groups=["system:serviceaccounts"])
-        client_token = secrets.token_hex(16)
-        user = "system:serviceaccount:team:builder"
-        fake.add_token(client_token, user)
-        fake.allow(user=user, verbs=["get"], api_groups=["connectors.alauda.io"],
-                   resources=["connectors"], namespace="team", names=["harbor"])
+        client_token = builder_token(fake)
         kubeconfig = server.write_kubeconfig(self.mktemp() + ".kubeconfig", token=proxy_token,
                                              namespace="connectors-system")
         proxy = await start_proxy_process(self, ["--kubeconfig", kubeconfig, "--leader-elect"])
         pool = HTTPConnectionPool(reactor, persistent=False)
-
-        async def ready() -> bool:
-            response = await treq.get(f"http://127.0.0.1:{proxy.admin_port}/readyz", pool=pool)
-            await response.content()
-            return response.code == 200
-
-        deadline = time.monotonic() + 30
-        while not await ready():
-            self.assertLess(time.monotonic(), deadline, proxy.log()[-3000:])
-            await sleep(0.1)
+        await until_ready(self, proxy.admin_port, proxy.log, pool)
         await eventually(lambda: conditions(fake.object("connectors", "team", "harbor")).get("Ready")
                          == ("True", "Ready"), timeout=30, what="status written by the daemon")
         self.assertIsNotNone(fake.object("services", "team", "c-harbor"))

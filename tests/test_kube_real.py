@@ -34,7 +34,6 @@ from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.server import Site
 
 from connectors_proxy.kube.cluster import ClusterMode
 from connectors_proxy.kube.config import load_kubeconfig
@@ -44,8 +43,9 @@ from connectors_proxy.model.state import Store
 
 from .support import kubeapi
 from .support.kubeapi import API_AUDIENCE, PROXY_NAMESPACE, PROXY_SA, KubeAPI
+from .support.waiting import eventually, sleep
 from .test_fakekube_contract import KubeHTTP, _TrustPolicy
-from .test_kube_e2e import Upstream, conditions, connector, eventually, oci_class, secret, sleep
+from .test_kube_e2e import Upstream, conditions, connector, listen_upstream, oci_class, secret
 
 CR = "/apis/connectors.alauda.io/v1alpha1"
 RBAC = "/apis/rbac.authorization.k8s.io/v1"
@@ -257,24 +257,12 @@ class RealClusterCase(TestCase):
 
     def serve(self, mode: ClusterMode) -> str:
         """The proxy's site on a free port, for C{mode}; its URL."""
-        from connectors_proxy.tap import proxy_site
+        from .support.proxy import serve_site
 
-        site, _, agents = proxy_site(mode.store, mode.verifier, reactor)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-
-        async def stop() -> None:
-            await port.stopListening()
-            for channel in list(site.channels):
-                channel.transport.abortConnection()
-            await agents.close()
-        self.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-        return f"http://127.0.0.1:{port.getHost().port}"
+        return serve_site(self, mode.store, mode.verifier)
 
     def upstream(self) -> tuple[Upstream, str]:
-        upstream = Upstream()
-        listening = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        return upstream, f"http://127.0.0.1:{listening.getHost().port}"
+        return listen_upstream(self)
 
 
 class IdentityTests(RealClusterCase):
@@ -578,7 +566,7 @@ class LeaderElectionTests(RealClusterCase):
     retry_period = 2.0
 
     async def _leaders(self) -> None:
-        from .support.proxy import start_proxy_process
+        from .support.proxy import start_proxy_process, until_ready
 
         upstream, address = self.upstream()
         await self.seed(address=address)
@@ -601,11 +589,7 @@ class LeaderElectionTests(RealClusterCase):
         token = await self.csi_token("builder")
         pool = HTTPConnectionPool(reactor, persistent=False)
         for daemon in daemons.values():  # both serve; only one writes
-            async def daemon_ready(daemon: Any = daemon) -> bool:
-                response = await treq.get(f"http://127.0.0.1:{daemon.admin_port}/readyz", pool=pool)
-                await response.content()
-                return response.code == 200  # type: ignore[no-any-return]
-            await self.wait_for(daemon_ready, what="/readyz")
+            await until_ready(self, daemon.admin_port, daemon.log, pool)
             response = await treq.get(f"{daemon.url}/namespaces/{self.ns}/connectors/harbor/x",
                                       headers={"Authorization": f"Bearer {token}"}, pool=pool)
             self.assertEqual(response.code, 200, await response.content())

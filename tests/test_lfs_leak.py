@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import secrets
-import socket
 import time
 from typing import Any, cast
 
@@ -47,6 +46,7 @@ from connectors_proxy.server.routing import route
 from tests.support.gitserver import LFS_JSON, LFSResource, has_secret, lfs_pointer
 from tests.support.procs import require
 from tests.support.proxy import RunningProxy, basic_secret, connector, connector_class, sa, start_proxy
+from tests.support.wire import fetch, split_response
 from tests.test_git_integration import NS, REPO, GitSetup, _read, setup
 
 NAME = "repo"
@@ -378,34 +378,6 @@ class Response:
         return json.loads(self.body)
 
 
-def _exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(data)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _parse(raw: bytes) -> Response:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    if headers.get(b"transfer-encoding") == [b"chunked"]:
-        plain, rest = b"", body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if not size:
-                break
-            plain, rest = plain + rest[:size], rest[size + 2:]
-        body = plain
-    return Response(raw, int(lines[0].split()[1]), headers, body)
-
-
 @define
 class Wire:
     """A GitLab-like LFS server, a proxy with a git Connector for it at another spelling of its host."""
@@ -433,10 +405,10 @@ class Wire:
         if token:
             lines.append(f"Authorization: {clientconfig.basic_authorization(token)}")
         lines += [f"{k.replace('_', '-')}: {v}" for k, v in headers.items()]
-        raw = await threads.deferToThread(_exchange, self.proxy.port,
-                                          ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        raw = await threads.deferToThread(fetch, self.proxy.port,
+                                          ("\r\n".join(lines) + "\r\n\r\n").encode() + body, 20)
         self.seen.append(raw)
-        return _parse(raw)
+        return Response(raw, *split_response(raw))
 
     async def batch(self, operation: str, data: bytes, url: str | None = None, **kw: Any) -> Response:
         oid, size = lfs_pointer(data)

@@ -13,7 +13,7 @@ from typing import Any
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -25,6 +25,7 @@ from connectors_proxy.server import errors
 from connectors_proxy.server.limits import RETRY_AFTER, ConcurrencyLimiter, LimitExceeded, Permit, admit
 
 from .support.proxy import basic_secret, connector, connector_class, sa, start_proxy
+from .support.waiting import eventually
 
 
 def _result(d: Deferred[Any]) -> Any:
@@ -357,20 +358,13 @@ class NoisyNeighbourTests(TestCase):
         self.headers = {"Authorization": f"Bearer {token}"}
         return proxy, upstream
 
-    async def _wait_for(self, condition: Any) -> None:
-        deadline = time.monotonic() + 10
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError("timed out waiting")
-            await deferLater(reactor, 0.01, lambda: None)
-
     def test_busy_connector_refuses_past_its_queue_while_another_stays_fast(self) -> Deferred[None]:
         async def run() -> None:
             proxy, upstream = await self._setup()
             lane = proxy.root.limiter.lane(ObjectRef("team", "noisy"))
             held = [treq.get(proxy.path_url("team", "noisy", "/slow"), headers=self.headers, persistent=False)
                     for _ in range(4)]
-            await self._wait_for(lambda: len(upstream.waiting) == 2 and len(lane.waiting) == 2)
+            await eventually(lambda: len(upstream.waiting) == 2 and len(lane.waiting) == 2)
 
             refused = await treq.get(proxy.path_url("team", "noisy", "/slow"), headers=self.headers,
                                      persistent=False)
@@ -386,12 +380,12 @@ class NoisyNeighbourTests(TestCase):
 
             # Released, the running two finish and the queued two get their turn.
             upstream.release_all()
-            await self._wait_for(lambda: len(upstream.waiting) == 2)
+            await eventually(lambda: len(upstream.waiting) == 2)
             upstream.release_all()
             responses = await gatherResults(held)
             self.assertEqual([r.code for r in responses], [200] * 4)
             self.assertEqual([await r.content() for r in responses], [b"slow\n"] * 4)
-            await self._wait_for(lambda: lane.active == 0)
+            await eventually(lambda: lane.active == 0)
             self.assertEqual((lane.admitted, lane.rejected), (4, 1))
 
         return Deferred.fromCoroutine(run())

@@ -32,11 +32,13 @@ from connectors_proxy.model.objects import ObjectRef
 from connectors_proxy.ops.drain import Reloader, SourceHealth
 from connectors_proxy.server.limits import ConcurrencyLimiter
 from connectors_proxy.sources.lint import lint_text
+from connectors_proxy.upstream.bodies import BytesProducer
 from connectors_proxy.upstream.timeouts import TimedAgent, UpstreamTimeout, UpstreamTimeouts
 
 from .support.procs import free_port, run, start_server
 from .support.proxy import (
     ROOT,
+    ProxyProcess,
     basic_secret,
     connector,
     connector_class,
@@ -44,16 +46,10 @@ from .support.proxy import (
     sa,
     start_proxy,
     start_proxy_process,
+    write_file,
     write_setup,
 )
-
-
-async def wait_for(condition: Any, timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await deferLater(reactor, 0.02, lambda: None)
+from .support.waiting import eventually
 
 
 class _Hung(Protocol):
@@ -96,6 +92,27 @@ def hung_upstream(test: TestCase, headers: bool) -> tuple[int, Any]:
     return port.getHost().port, factory
 
 
+async def hung_proxy_process(test: TestCase, *options: str) -> tuple[ProxyProcess, str, Any]:
+    """
+    The daemon (with C{options}, logging JSON), its Connector C{team/hung} a
+    L{hung_upstream} that never answers; the process, a client token, the upstream.
+    """
+    port, upstream = hung_upstream(test, headers=False)
+    token = "tok-" + secrets.token_hex(8)
+    args = write_setup(test, [
+        connector_class("rest"),
+        basic_secret("team", "creds", "u", "p"),
+        connector("team", "hung", "rest", f"http://127.0.0.1:{port}", secret="creds"),
+    ], {token: sa("team")})
+    proxy = await start_proxy_process(test, [*args, *options, "--log-format", "json"])
+    return proxy, token, upstream
+
+
+def access_lines(log: str) -> list[dict[str, Any]]:
+    """The access lines of a JSON log."""
+    return [line for line in json_lines(log) if line.get("event") == "access"]
+
+
 class _Recorder(Protocol):
     def __init__(self) -> None:
         self.data: list[bytes] = []
@@ -135,23 +152,15 @@ class _Response:
         protocol.makeConnection(self.transport)
 
 
-class _Body:
-    length = 3
+class _Body(BytesProducer):
+    """An upload that lasts until the test fires C{done}."""
 
     def __init__(self) -> None:
+        super().__init__(b"abc")
         self.done: Deferred[None] = Deferred()
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
         return self.done
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class _Agent:
@@ -301,12 +310,12 @@ class HungUpstream(TestCase):
             self.assertIn("--upstream-timeout", body)
             # The slot is free (one slot: a second request is admitted and
             # reaches the upstream), and the hung connection was closed.
-            await wait_for(lambda: self.lane.active == 0, what="slot released")
-            await wait_for(lambda: upstream.closed == 1, what="upstream connection closed")
+            await eventually(lambda: self.lane.active == 0, what="slot released")
+            await eventually(lambda: upstream.closed == 1, what="upstream connection closed")
             second = await self.get(proxy)
             self.assertEqual(second.code, 504)
             self.assertEqual(len(upstream.connections), 2)
-            await wait_for(lambda: len(proxy.logs.access()) == 2)
+            await eventually(lambda: len(proxy.logs.access()) == 2)
             access = proxy.logs.access()
             self.assertEqual([(e["status"], e["fault"]) for e in access], [(504, "upstream-timeout")] * 2)
             self.assertIn("fault=upstream-timeout", proxy.logs.text())
@@ -329,9 +338,9 @@ class HungUpstream(TestCase):
             # The client sees a broken body (not a complete short one), soon.
             self.assertIsNotNone(failure)
             self.assertLess(time.monotonic() - started, 5.0)
-            await wait_for(lambda: self.lane.active == 0, what="slot released")
-            await wait_for(lambda: upstream.closed == 1, what="upstream connection closed")
-            await wait_for(lambda: len(proxy.logs.access()) == 1)
+            await eventually(lambda: self.lane.active == 0, what="slot released")
+            await eventually(lambda: upstream.closed == 1, what="upstream connection closed")
+            await eventually(lambda: len(proxy.logs.access()) == 1)
             [access] = proxy.logs.access()
             self.assertEqual((access["status"], access["fault"], access["bytes_out"]),
                              (200, "upstream-idle-timeout", 1000))
@@ -366,14 +375,7 @@ class HungUpstreamProcess(TestCase):
 
     def test_option(self) -> Deferred[None]:
         async def run_() -> None:
-            port, _ = hung_upstream(self, headers=False)
-            token = "tok-" + secrets.token_hex(8)
-            args = write_setup(self, [
-                connector_class("rest"),
-                basic_secret("team", "creds", "u", "p"),
-                connector("team", "hung", "rest", f"http://127.0.0.1:{port}", secret="creds"),
-            ], {token: sa("team")})
-            proxy = await start_proxy_process(self, [*args, "--upstream-timeout", "1", "--log-format", "json"])
+            proxy, token, _ = await hung_proxy_process(self, "--upstream-timeout", "1")
             started = time.monotonic()
             result = await run(["curl", "-sS", "-u", f"x:{token}", "-w", "\n%{http_code}",
                                 f"{proxy.url}/namespaces/team/connectors/hung/x"], timeout=30)
@@ -382,8 +384,8 @@ class HungUpstreamProcess(TestCase):
             self.assertTrue(out.endswith("\n504"), out)
             self.assertIn("no response within 1s", out)
             self.assertLess(elapsed, 6.0)
-            await wait_for(lambda: any(line.get("event") == "access" for line in json_lines(proxy.log())))
-            [access] = [line for line in json_lines(proxy.log()) if line.get("event") == "access"]
+            await eventually(lambda: access_lines(proxy.log()), what="the access line")
+            [access] = access_lines(proxy.log())
             self.assertEqual((access["status"], access["fault"]), (504, "upstream-timeout"))
 
         return Deferred.fromCoroutine(run_())
@@ -397,15 +399,6 @@ ENV = {"PYTHONPATH": ROOT}
 def twistd(*args: str, timeout: float = 30) -> Deferred[subprocess.CompletedProcess[bytes]]:
     """C{twistd -n --pidfile= connectors-proxy ARGS}, run to its end."""
     return run([*TWISTD, "-n", "--pidfile=", "connectors-proxy", *args], env=ENV, timeout=timeout)
-
-
-def write(test: TestCase, name: str, text: str) -> str:
-    folder = test.mktemp()
-    os.makedirs(folder)
-    path = os.path.join(folder, name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 TYPO_KIND = """\
@@ -542,8 +535,8 @@ class ConfigMistakes(TestCase):
 
     def test_misspelled_kind_warns_at_startup(self) -> Deferred[None]:
         async def run_() -> None:
-            manifests = write(self, "objects.yaml", TYPO_KIND)
-            tokens = write(self, "tokens.csv", 't,system:serviceaccount:team:a,1\n')
+            manifests = write_file(self, "objects.yaml", TYPO_KIND)
+            tokens = write_file(self, "tokens.csv", 't,system:serviceaccount:team:a,1\n')
             proxy = await start_proxy_process(self, ["--manifests", manifests, "--tokens", tokens])
             log = proxy.log()
             self.assertIn(f"[warn] {manifests}:9: document 3: kind 'Conector' (name 'api') is not one the proxy "
@@ -555,8 +548,8 @@ class ConfigMistakes(TestCase):
 
     def test_strict_refuses(self) -> Deferred[None]:
         async def run_() -> None:
-            manifests = write(self, "objects.yaml", TYPO_KIND + "---\n" + TYPO_FIELD)
-            tokens = write(self, "tokens.csv", 't,system:serviceaccount:team:a,1\n')
+            manifests = write_file(self, "objects.yaml", TYPO_KIND + "---\n" + TYPO_FIELD)
+            tokens = write_file(self, "tokens.csv", 't,system:serviceaccount:team:a,1\n')
             result = await twistd("--manifests", manifests, "--tokens", tokens, "--strict")
             self.assertEqual(result.returncode, 2)
             err = result.stderr.decode()
@@ -569,8 +562,8 @@ class ConfigMistakes(TestCase):
 
     def test_missing_field_names_its_misspelling(self) -> Deferred[None]:
         async def run_() -> None:
-            manifests = write(self, "objects.yaml", TYPO_FIELD.replace("  address:", "  adress:"))
-            tokens = write(self, "tokens.csv", 't,system:serviceaccount:team:a,1\n')
+            manifests = write_file(self, "objects.yaml", TYPO_FIELD.replace("  address:", "  adress:"))
+            tokens = write_file(self, "tokens.csv", 't,system:serviceaccount:team:a,1\n')
             result = await twistd("--manifests", manifests, "--tokens", tokens)
             self.assertEqual(result.returncode, 2)
             [line] = result.stderr.decode().splitlines()
@@ -591,14 +584,14 @@ class ConfigMistakes(TestCase):
             with open(manifests, "w") as f:
                 f.write("kind: [broken\n")
             os.kill(proxy.server.process.pid, signal.SIGHUP)
-            await wait_for(lambda: "SIGHUP: reloading manifests and tokens failed" in proxy.log(), what="SIGHUP line")
+            await eventually(lambda: "SIGHUP: reloading manifests and tokens failed" in proxy.log(), what="SIGHUP line")
             self.assertNotIn("reloaded on SIGHUP", proxy.log())
             self.assertIn("invalid YAML", proxy.log())
             with open(manifests, "w") as f:
                 f.write(good)
-            await wait_for(lambda: "manifests recovered" in proxy.log(), what="recovery line")
+            await eventually(lambda: "manifests recovered" in proxy.log(), what="recovery line")
             os.kill(proxy.server.process.pid, signal.SIGHUP)
-            await wait_for(lambda: "reloaded on SIGHUP: manifests and tokens" in proxy.log(), what="reloaded")
+            await eventually(lambda: "reloaded on SIGHUP: manifests and tokens" in proxy.log(), what="reloaded")
 
         return Deferred.fromCoroutine(run_())
 
@@ -681,7 +674,7 @@ class StartupFailures(TestCase):
             ], port=port, env=ENV, cwd=folder)
             result = await run(["curl", "-sS", f"http://127.0.0.1:{port}/namespaces/default/connectors/self/x"])
             self.assertEqual(result.returncode, 0)
-            await wait_for(lambda: "access" in open(logfile).read(), what="the access line in the log file")
+            await eventually(lambda: "access" in open(logfile).read(), what="the access line in the log file")
             server.stop()
             with open(logfile) as f:
                 lines = json_lines(f.read())
@@ -729,14 +722,14 @@ class ClusterNoise(TestCase):
             mode = ClusterMode(reactor, load_kubeconfig(path), Store(), stale_after=1.0)
             mode.startService()
             self.addCleanup(mode.stopService)
-            await wait_for(lambda: mode.store.ready, what="ready")
+            await eventually(lambda: mode.store.ready, what="ready")
             await deferLater(reactor, 1.0, lambda: None)
             before = len(events)
             await server.refuse()
             await server.cut_connections()
             await deferLater(reactor, 4.0, lambda: None)
             server.accept()
-            await wait_for(lambda: mode.store.ready, timeout=40, what="ready again")
+            await eventually(lambda: mode.store.ready, timeout=40, what="ready again")
             await deferLater(reactor, 1.0, lambda: None)
             # No line per API connection (the fake API server's own lines aside).
             factory_lines = [formatEvent(e) for e in events if "factory" in formatEvent(e)
@@ -875,22 +868,15 @@ class DrainFault(TestCase):
 
     def test_drain_cut_is_logged_as_drain(self) -> Deferred[None]:
         async def run_() -> None:
-            port, upstream = hung_upstream(self, headers=False)
-            token = "tok-" + secrets.token_hex(8)
-            args = write_setup(self, [
-                connector_class("rest"),
-                basic_secret("team", "creds", "u", "p"),
-                connector("team", "hung", "rest", f"http://127.0.0.1:{port}", secret="creds"),
-            ], {token: sa("team")})
-            proxy = await start_proxy_process(self, [*args, "--drain-timeout", "0.5", "--log-format", "json"])
+            proxy, token, upstream = await hung_proxy_process(self, "--drain-timeout", "0.5")
             pending = run(["curl", "-sS", "-u", f"x:{token}", f"{proxy.url}/namespaces/team/connectors/hung/x"],
                           timeout=30)
-            await wait_for(lambda: len(upstream.connections) == 1, what="the request upstream")
+            await eventually(lambda: len(upstream.connections) == 1, what="the request upstream")
             os.kill(proxy.server.process.pid, signal.SIGTERM)
             result = await pending
             self.assertNotEqual(result.returncode, 0)  # cut
-            await wait_for(lambda: proxy.server.process.poll() is not None, what="exit")
-            [access] = [line for line in json_lines(proxy.log()) if line.get("event") == "access"]
+            await eventually(lambda: proxy.server.process.poll() is not None, what="exit")
+            [access] = access_lines(proxy.log())
             self.assertEqual((access["status"], access["fault"]), (503, "drain"))
 
         return Deferred.fromCoroutine(run_())

@@ -16,7 +16,6 @@ import gzip
 import json
 import random
 import secrets
-import socket
 import zlib
 from typing import Any
 from urllib.parse import quote
@@ -41,6 +40,7 @@ from connectors_proxy.upstream.reflection import (
 )
 
 from .support.proxy import RunningProxy, basic, basic_secret, connector, connector_class, sa, start_proxy
+from .support.wire import fetch, split_response
 
 
 def b64(data: bytes) -> bytes:
@@ -250,40 +250,6 @@ class InflaterTests(SynchronousTestCase):
 
 
 # -- end to end ------------------------------------------------------------------
-
-
-def fetch(port: int, request: bytes, timeout: float = 10.0) -> bytes:
-    """Send one raw request with Connection: close; everything the proxy answers."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(request)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def split_response(raw: bytes) -> tuple[int, dict[bytes, list[bytes]], bytes]:
-    """Status, headers (lower-case names) and body (chunked framing removed) of a raw answer."""
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    headers: dict[bytes, list[bytes]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers.setdefault(name.strip().lower(), []).append(value.strip())
-    if headers.get(b"transfer-encoding") == [b"chunked"]:
-        out, rest = [], body
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                break
-            out.append(rest[:size])
-            rest = rest[size + 2:]
-        body = b"".join(out)
-    return int(lines[0].split()[1]), headers, body
 
 
 class Canaries:

@@ -7,20 +7,16 @@ then on a real socket against nginx, which logs anything it was sent.
 
 from __future__ import annotations
 
-import secrets
-
-from twisted.internet import threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from connectors_proxy.server.channel import ProxySite
 
-from .support.nginx import start_nginx
-from .support.proxy import basic, basic_secret, connector, connector_class, sa, start_proxy
-from .test_hostile import exchange
+from .support.proxy import basic
+from .support.wire import NginxBehindProxy
 from .test_streaming import Capture, Consumer
 
 # A request that must never be seen as one: it follows each refused head.
@@ -116,25 +112,13 @@ class Parser(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
 
 
-class OnTheWire(TestCase):
+class OnTheWire(NginxBehindProxy):
     """Raw bytes on a real socket, to a proxy whose Connector is a real nginx."""
-
-    timeout = 120
 
     @inlineCallbacks
     def setUp(self):  # type: ignore[no-untyped-def]
-        self.nginx = yield start_nginx(self)
-        self.token = secrets.token_hex(16)
-        n = self.nginx
-        self.proxy = yield start_proxy(self, [
-            connector_class("http"),
-            connector("default", "basic", "http", n.url + "/basic", secret="s"),
-            basic_secret("default", "s", n.username, n.password),
-        ], {self.token: sa("default")})
+        yield super().setUp()
         self.auth = b"Authorization: " + basic("x", self.token) + b"\r\n"
-
-    def ask(self, data: bytes):  # type: ignore[no-untyped-def]
-        return threads.deferToThread(exchange, self.proxy.port, data, timeout=5.0)
 
     @inlineCallbacks
     def assertRefused(self, data: bytes, problem: bytes):  # type: ignore[no-untyped-def]

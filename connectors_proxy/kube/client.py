@@ -29,13 +29,14 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone, readBody
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
 from zope.interface import Attribute, Interface, implementer
 
 from connectors_proxy import compat
 from connectors_proxy.compat import HTTPConnectionPoolCompat
 from connectors_proxy.kube.config import KubeConfig, TokenSource
 from connectors_proxy.tls.upstream import certificates
+from connectors_proxy.upstream.bodies import BytesProducer
 from connectors_proxy.upstream.connect import UpstreamEndpoints
 
 JSON = dict[str, Any]
@@ -191,28 +192,6 @@ class IKubeClient(Interface):
 
     def create_subject_access_review(spec: JSON) -> Deferred[JSON]:
         """The SubjectAccessReview's C{status}."""
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body already in memory (no cooperator, so no global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 @implementer(IPolicyForHTTPS)
@@ -457,7 +436,7 @@ class KubeClient:
               ) -> Deferred[IResponse]:
         producer = None
         if body is not None:
-            producer = _BytesProducer(json.dumps(body, separators=(",", ":")).encode("utf-8"))
+            producer = BytesProducer(json.dumps(body, separators=(",", ":")).encode("utf-8"))
         d: Deferred[IResponse] = self._agent.request(
             method, url, self._headers(content_type if body is not None else None), producer)
         if timeout:

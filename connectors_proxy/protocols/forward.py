@@ -14,13 +14,9 @@ Where the target may be is L{connectors_proxy.upstream.forward}'s call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
 
 from connectors_proxy.protocols import ProtocolResource
 from connectors_proxy.server import errors
@@ -60,20 +56,11 @@ def _describe(reason: Failure, url: bytes) -> str:
     return f"{where} closed the connection without a complete response"
 
 
-def _on_disconnect(request: ProxyRequest, action: Callable[[], object]) -> Callable[[], None]:
-    """Run C{action} if the client goes away; the returned callable disarms it."""
-    armed = [True]
-
-    def lost(reason: Failure) -> None:
-        if armed[0]:
-            action()
-
-    request.notifyFinish().addErrback(lost)
-
-    def disarm() -> None:
-        armed[0] = False
-
-    return disarm
+def _failed(reason: Failure, target: Target, url: bytes) -> errors.ProxyError:
+    """A target the guarded agent refused is a 403; one it could not reach, a 502 naming the URL."""
+    if isinstance(reason.value, ForwardRefused):
+        return errors.forbidden(reason.value.message)
+    return errors.bad_gateway(_describe(reason, url))
 
 
 class ForwardResource(ProtocolResource):
@@ -82,17 +69,5 @@ class ForwardResource(ProtocolResource):
     async def serve(self, request: ProxyRequest, target: Target) -> None:
         url = target.upstream_url()
         headers = relay.forwarded_headers(request, origin=False, route=target.route)
-        headers.setRawHeaders(b"Host", [relay.host_header(url)])
-        d = target.agent.request(request.method, url, headers, request.body)
-        disarm = _on_disconnect(request, d.cancel)
-        try:
-            response: IResponse = await d
-        except ForwardRefused as e:
-            raise errors.forbidden(e.message) from None
-        except CancelledError:
-            raise errors.ProxyError(499, "CLIENT_CLOSED", "client went away") from None
-        except Exception:
-            raise errors.bad_gateway(_describe(Failure(), url)) from None
-        finally:
-            disarm()
+        response = await relay.send(target, request.method, url, headers, request.body, request, failed=_failed)
         await relay.stream_response(request, response, response_headers(response.headers), NO_SECRETS)

@@ -154,13 +154,17 @@ class _Attempts:
         else:
             self._finish(failure)
 
-    def _finish(self, outcome: Any) -> None:
+    def _stop(self) -> None:
+        """No attempt more: the delay's timer stopped, those still pending cancelled."""
         self.done = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         for d in list(self.pending):
             d.cancel()
         self.pending = []
+
+    def _finish(self, outcome: Any) -> None:
+        self._stop()
         if isinstance(outcome, Failure):
             self.result.errback(outcome)
         else:
@@ -168,12 +172,7 @@ class _Attempts:
 
     def cancel(self) -> None:
         """The connect was cancelled (its Deferred errbacks with CancelledError)."""
-        self.done = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        for d in list(self.pending):
-            d.cancel()
-        self.pending = []
+        self._stop()
 
 
 def upstream_endpoint(reactor: Any, uri: URI, policy: IPolicyForHTTPS, timeout: float) -> IStreamClientEndpoint:

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, unquote_plus, urlsplit
 
 from attrs import evolve
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
@@ -41,6 +41,7 @@ from connectors_proxy.model.objects import ConnectorClass
 from connectors_proxy.server import errors
 from connectors_proxy.server.channel import ProxyRequest, RequestBody
 from connectors_proxy.server.routing import Route
+from connectors_proxy.upstream.bodies import BytesProducer
 from connectors_proxy.upstream.relay import forwarded_headers
 from connectors_proxy.upstream.target import Target
 
@@ -126,15 +127,15 @@ def _request_input(method: bytes, target: bytes, host: str, headers: Headers, re
 # -- bodies --------------------------------------------------------------------
 
 
-class BufferedBody(RequestBody):
+class BufferedBody(BytesProducer, RequestBody):
     """
     A request body the proxy has read whole (at most L{BODY_LIMIT}), in place
     of the streaming one: it can be sent upstream, as often as needed.
     """
 
     def __init__(self, request: ProxyRequest, data: bytes, received: int) -> None:
-        super().__init__(request, len(data))
-        self.data = data
+        RequestBody.__init__(self, request, len(data))
+        BytesProducer.__init__(self, data)
         self.received = received
         self._complete = True
 
@@ -142,20 +143,6 @@ class BufferedBody(RequestBody):
         pass
 
     def all_received(self) -> None:
-        pass
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        if self.data:
-            consumer.write(self.data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
         pass
 
 

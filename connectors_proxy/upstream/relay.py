@@ -135,12 +135,19 @@ def describe_failure(reason: Failure, target: Target, url: bytes | None = None) 
     return f"upstream {address} closed the connection without a complete response"
 
 
+def unreachable(reason: Failure, target: Target, url: bytes) -> ProxyError:
+    """The 502 for an upstream (at C{url}) that could not be reached: L{describe_failure} says why."""
+    return bad_gateway(describe_failure(reason, target, url))
+
+
 async def send(target: Target, method: bytes, url: bytes, headers: Headers,
-               body: IBodyProducer | None, request: ProxyRequest | None = None) -> IResponse:
+               body: IBodyProducer | None, request: ProxyRequest | None = None,
+               failed: Callable[[Failure, Target, bytes], ProxyError] = unreachable) -> IResponse:
     """
     Send one request upstream.  A client that goes away while we wait
-    cancels it.  Failures to reach the upstream become a 502 L{ProxyError}
-    whose message says why, naming no credential.
+    cancels it.  Failures to reach the upstream become the L{ProxyError}
+    C{failed} makes of them (by default L{unreachable}: a 502 whose message
+    says why, naming no credential).
     """
     if not headers.hasHeader(b"host"):
         # Agent would copy every header (re-validating each) just to add Host.
@@ -158,7 +165,7 @@ async def send(target: Target, method: bytes, url: bytes, headers: Headers,
             request.fault = e.fault
         raise ProxyError(504, "UPSTREAM_TIMEOUT", f"upstream {_upstream_name(target, url)}: {e}") from None
     except Exception:
-        raise bad_gateway(describe_failure(Failure(), target, url)) from None
+        raise failed(Failure(), target, url) from None
     finally:
         if request is not None:
             cancel()

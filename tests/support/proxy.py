@@ -14,7 +14,8 @@ import base64
 import json
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import yaml
@@ -156,6 +157,23 @@ async def _start_proxy(test: TestCase, objects: Iterable[Mapping[str, Any]], tok
     running = RunningProxy(port.getHost().port, store, verifier, logs, root)
     running.set_objects(objects)
     running.set_tokens(tokens)
+    _stop_at_cleanup(test, port, site, agents)
+    return running
+
+
+def serve_site(test: TestCase, store: Store, verifier: Any) -> str:
+    """
+    Serve a proxy for C{store} and C{verifier} (cluster mode's, say) in this
+    reactor on a free loopback port; its URL.  Stopped at cleanup.
+    """
+    site, _, agents = proxy_site(store, verifier, reactor)
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    _stop_at_cleanup(test, port, site, agents)
+    return f"http://127.0.0.1:{port.getHost().port}"
+
+
+def _stop_at_cleanup(test: TestCase, port: Any, site: Any, agents: Any) -> None:
+    """At C{test}'s cleanup: stop listening, end every connection, close C{agents}' pool."""
 
     async def stop() -> None:
         await port.stopListening()
@@ -166,7 +184,6 @@ async def _start_proxy(test: TestCase, objects: Iterable[Mapping[str, Any]], tok
         await deferLater(reactor, 0, lambda: None)
 
     test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-    return running
 
 
 @define
@@ -204,16 +221,39 @@ def start_proxy_process(test: TestCase, args: Sequence[str],
     return Deferred.fromCoroutine(_start_process(test, args, env))
 
 
+async def until_ready(test: TestCase, admin_port: int, log: Callable[[], str], pool: Any = None,
+                      timeout: float = 30) -> None:
+    """
+    Poll a proxy process's C{/readyz} (on C{admin_port}) until it answers
+    200; after C{timeout} seconds, fail C{test} with the end of C{log()}.
+    """
+    import treq
+
+    deadline = time.monotonic() + timeout
+    while True:
+        response = await treq.get(f"http://127.0.0.1:{admin_port}/readyz", pool=pool, persistent=False)
+        await response.content()
+        if response.code == 200:
+            return
+        test.assertLess(time.monotonic(), deadline, log()[-3000:])
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+def write_file(test: TestCase, name: str, text: str, folder: str | None = None) -> str:
+    """Write C{text} to a file C{name} in C{folder} (by default a new one of C{test}'s); its path."""
+    if folder is None:
+        folder = test.mktemp()
+        os.makedirs(folder)
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def write_setup(test: TestCase, objects: Iterable[Mapping[str, Any]], tokens: Mapping[str, str]) -> list[str]:
-    """Write manifests and a token file for a proxy process; the arguments to pass it."""
-    folder = test.mktemp()
-    os.makedirs(folder)
-    manifests = os.path.join(folder, "objects.yaml")
-    with open(manifests, "w") as f:
-        f.write(manifests_text(objects))
-    token_path = os.path.join(folder, "tokens.csv")
-    with open(token_path, "w") as f:
-        f.write(token_file_text(tokens))
+    """Write manifests and a token file (side by side) for a proxy process; the arguments to pass it."""
+    manifests = write_file(test, "objects.yaml", manifests_text(objects))
+    token_path = write_file(test, "tokens.csv", token_file_text(tokens), os.path.dirname(manifests))
     return ["--manifests", manifests, "--tokens", token_path]
 
 
