@@ -720,8 +720,11 @@ class ProxyChannel(compat.HTTPChannelCompat):
     def requestDone(self, request: http.Request) -> None:
         if self._connect_early is not None:
             # A CONNECT answered without a tunnel (refused): what the client
-            # sent after it was meant for a tunnel, not the next request.
-            if any(self._connect_early):
+            # sent after it (already read, or still in the parser's buffer
+            # when the answer came at once) was meant for a tunnel, not the
+            # next request.  With nothing sent, the connection can carry a
+            # retry (a client answering the 407 challenge).
+            if any(self._connect_early) or self.clearLineBuffer():
                 self.persistent = False
             self._connect_early = None
         if self._draining is not None:
