@@ -164,6 +164,44 @@ class ClusterModeTests(TestCase):
     def test_cold_start_and_zero_writes(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._cold_start())
 
+    async def _invalid_policy(self) -> None:
+        self.seed()
+        self.start()
+        await eventually(self.ready, what="Service and Ready status")
+        canary = "canary-" + secrets.token_hex(8)
+        broken = oci_class()
+        # The comment holds a canary: no policy text reaches the status.
+        broken["spec"]["proxy"]["authExtractor"] = {
+            "rego": f"package proxy\n# {canary}\nauth := {{\"token\":\n"}
+        self.fake.apply(broken)
+
+        def invalid() -> bool:
+            conds = conditions(self.connector_obj())
+            return conds.get("ConnectorClassReady") == ("False", "InvalidPolicy") and \
+                conds.get("Ready") == ("False", "InvalidPolicy")
+
+        await eventually(invalid, what="InvalidPolicy on the Connector")
+        status = self.connector_obj()["status"]  # type: ignore[index]
+        message = next(c["message"] for c in status["conditions"] if c["type"] == "ConnectorClassReady")
+        self.assertIn("ConnectorClass rest", message)
+        self.assertIn("authExtractor", message)
+        self.assertIn("does not compile", message)
+        self.assertNotIn(canary, json.dumps(status))
+        fixed = oci_class()
+        fixed["spec"]["proxy"]["authExtractor"] = {
+            "rego": "package proxy\nimport rego.v1\nauth := {\"token\": input.request.headers[\"Private-Token\"][0]}\n"}
+        self.fake.apply(fixed)
+        await eventually(self.ready, what="Ready again once the policy compiles")
+        self.assertEqual(conditions(self.connector_obj())["ConnectorClassReady"], ("True", "ConnectorClassFound"))
+
+    def test_invalid_policy(self) -> Deferred[None]:
+        """
+        A ConnectorClass whose authExtractor does not compile (checked in an
+        evaluator process) puts C{InvalidPolicy} on its Connectors, naming
+        the class and hook without the policy's text; fixing it clears it.
+        """
+        return Deferred.fromCoroutine(self._invalid_policy())
+
     async def _service_put_back(self) -> None:
         self.seed()
         self.start()

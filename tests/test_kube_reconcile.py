@@ -177,6 +177,29 @@ class DecideTests(SynchronousTestCase):
         self.assertEqual(conds["Ready"], ("False", "ConnectorClassNotFound"))
         self.assertNotIn("proxy", d.status)
 
+    def test_invalid_policy(self) -> None:
+        """
+        A class whose Rego policy does not compile: C{ConnectorClassReady}
+        and C{Ready} are C{False} with reason C{InvalidPolicy}, naming the
+        class and hook; once it compiles again, both are C{True}.
+        """
+        problem = "its authExtractor Rego policy does not compile: line 3: unexpected token"
+        broken = world((connector_class(),), (secret(),), invalid_policies={"oci": problem})
+        d = run(connector(), broken)
+        assert d.status is not None
+        conds = conditions(d.status)
+        self.assertEqual(conds["ConnectorClassReady"], ("False", "InvalidPolicy"))
+        self.assertEqual(conds["Ready"], ("False", "InvalidPolicy"))
+        message = next(c["message"] for c in d.status["conditions"] if c["type"] == "ConnectorClassReady")
+        self.assertEqual(message, "ConnectorClass oci: " + problem)
+        # The Service is still kept: the class is there, only its policy is broken.
+        self.assertIsNotNone(d.service)
+        fixed = run(apply(connector(), d), world((connector_class(),), (secret(),)), now=T1)
+        assert fixed.status is not None
+        conds = conditions(fixed.status)
+        self.assertEqual(conds["ConnectorClassReady"], ("True", "ConnectorClassFound"))
+        self.assertEqual(conds["Ready"], ("True", "Ready"))
+
     def test_name_too_long(self) -> None:
         name = "a" * 62
         raw = connector(name=name)

@@ -177,7 +177,8 @@ class Reply:
         C{compile} (the policy does not compile: C{text} says why),
         C{error} (evaluation failed), C{timeout}, C{crashed} (the process
         died: its memory limit, or a fault), C{unavailable} (no evaluator
-        could be started).
+        could be started), C{compiled} (the answer to a compile check:
+        the policy compiles).
     """
 
     kind: str
@@ -190,12 +191,15 @@ class IPolicyEvaluator(Interface):
     def evaluate(policy: str, input_json: str) -> Deferred[Reply]:
         """Evaluate C{policy} with input C{input_json}; never fails, the L{Reply} says."""
 
+    def compile(policy: str) -> Deferred[Reply]:
+        """Whether C{policy} compiles: a C{compiled} or C{compile} L{Reply} (or C{timeout}, ...)."""
+
     def stop() -> Deferred[None]:
         """Stop evaluating: pending evaluations answer C{unavailable}."""
 
 
 def _reply(status: bytes, text: str) -> Reply:
-    kinds = {b"V": "value", b"U": "undefined", b"C": "compile", b"X": "error"}
+    kinds = {b"V": "value", b"U": "undefined", b"C": "compile", b"X": "error", b"O": "compiled"}
     return Reply(kinds.get(status, "error"), text)
 
 
@@ -218,6 +222,12 @@ class InlineEvaluator:
             compiled = self._compiled[policy] = regoworker.compile_policy(policy)
         return succeed(_reply(*regoworker.evaluate(compiled, input_json)))
 
+    def compile(self, policy: str) -> Deferred[Reply]:
+        compiled = self._compiled.get(policy)
+        if compiled is None:
+            compiled = self._compiled[policy] = regoworker.compile_policy(policy)
+        return succeed(Reply("compile", compiled) if isinstance(compiled, str) else Reply("compiled"))
+
     def stop(self) -> Deferred[None]:
         return succeed(None)
 
@@ -226,7 +236,7 @@ class InlineEvaluator:
 class _Job:
     key: bytes
     policy: str = field(repr=False)
-    input: bytes = field(repr=False)
+    input: bytes | None = field(repr=False)  # None: a compile check
     result: Deferred[Reply]
 
 
@@ -250,7 +260,7 @@ class _Worker(ProcessProtocol):
         if job.key not in self.defined:
             self._send(b"D" + job.key + job.policy.encode("utf-8"))
             self.defined.add(job.key)
-        self._send(b"E" + job.key + job.input)
+        self._send(b"K" + job.key if job.input is None else b"E" + job.key + job.input)
         self.jobs.append(job)
         if self.ready and len(self.jobs) == 1:
             self._arm(self.pool.timeout)
@@ -393,9 +403,15 @@ class WorkerPool:
         return self.reactor
 
     def evaluate(self, policy: str, input_json: str) -> Deferred[Reply]:
+        return self._submit(policy, input_json.encode("utf-8"))
+
+    def compile(self, policy: str) -> Deferred[Reply]:
+        return self._submit(policy, None)
+
+    def _submit(self, policy: str, input_bytes: bytes | None) -> Deferred[Reply]:
         if self._stopped or self._reactor().seconds() < self._unavailable_until:
             return succeed(Reply("unavailable", "the Rego evaluator process could not start"))
-        job = _Job(self._key(policy), policy, input_json.encode("utf-8"), Deferred())
+        job = _Job(self._key(policy), policy, input_bytes, Deferred())
         self._dispatch(job)
         return job.result
 
@@ -734,6 +750,79 @@ class RegoHooks:
         self._reported.add(key)
         log.error("ConnectorClass {cls}: {hook} Rego policy (version {version}): {kind}: {detail}",
                   cls=class_name, hook=hook, version=version, kind=kind, detail=detail)
+
+    def stop(self) -> Deferred[None]:
+        """Stop the evaluator (its processes)."""
+        return self.evaluator.stop()
+
+
+# -- compile checks (cluster mode's status) ------------------------------------
+
+
+def class_policies(cls: Any) -> list[tuple[str, str]]:
+    """
+    The Rego policies of ConnectorClass C{cls}, as C{(hook, text)}: its
+    C{authExtractor}, then each auth type's C{generator}.
+    """
+    found = [(EXTRACTOR, cls.extractor)] if cls.extractor else []
+    found += [(f"{GENERATOR} (auth type {t.name})", t.generator) for t in cls.auth_types if t.generator]
+    return found
+
+
+@define
+class PolicyChecks:
+    """
+    Whether policies compile, asked of an evaluator's processes (never
+    this one: rego-cpp prints compile errors on stdout) and remembered per
+    policy text, so a class is checked once per version.
+
+    L{check} answers C{None} (it compiles, or could not be checked: a
+    stopped or unavailable evaluator is no reason to call a policy
+    broken, and such an answer is not remembered) or a short compiler
+    message (L{describe_compile_error}, without the policy's text).
+    """
+
+    evaluator: IPolicyEvaluator = field(factory=lambda: WorkerPool(size=1))
+    cache_size: int = 512
+    _known: OrderedDict[str, str | None] = field(factory=OrderedDict, init=False, repr=False)
+    _waiting: dict[str, list[Deferred[str | None]]] = field(factory=dict, init=False, repr=False)
+
+    def check(self, policy: str) -> Deferred[str | None]:
+        """Why C{policy} does not compile, or C{None}; never fails."""
+        if policy in self._known:
+            self._known.move_to_end(policy)
+            return succeed(self._known[policy])
+        result: Deferred[str | None] = Deferred()
+        waiting = self._waiting.get(policy)
+        if waiting is not None:
+            waiting.append(result)
+            return result
+        self._waiting[policy] = [result]
+        asked = self.evaluator.compile(policy)
+        asked.addCallback(self._answered, policy)
+        asked.addErrback(self._failed, policy)
+        return result
+
+    def _failed(self, failure: Failure, policy: str) -> None:
+        log.failure("checking a Rego policy failed", failure)
+        self._done(policy, None)
+
+    def _answered(self, reply: Reply, policy: str) -> None:
+        if reply.kind == "compile":
+            problem = describe_compile_error(reply.text, policy)[:300]
+            self._known[policy] = problem
+        elif reply.kind == "compiled":
+            problem = None
+            self._known[policy] = None
+        else:
+            problem = None
+        while len(self._known) > self.cache_size:
+            self._known.popitem(last=False)
+        self._done(policy, problem)
+
+    def _done(self, policy: str, problem: str | None) -> None:
+        for waiter in self._waiting.pop(policy, []):
+            waiter.callback(problem)
 
     def stop(self) -> Deferred[None]:
         """Stop the evaluator (its processes)."""

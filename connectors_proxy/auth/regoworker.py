@@ -13,10 +13,11 @@ proxy.
 Frames, both ways: a 4-byte big-endian length, then the frame.  From the
 proxy: C{b"D" KEY TEXT} compile a policy under a 4-byte key; C{b"F" KEY}
 forget it; C{b"E" KEY INPUT} evaluate C{data.proxy.auth} with the JSON
-C{INPUT}.  To the proxy: C{b"R"} once, when ready; then one answer per
-C{E}: C{b"V" OUTPUT} (rego-cpp's output JSON text), C{b"U"} (undefined),
-C{b"C" MESSAGE} (the policy did not compile), C{b"X" MESSAGE} (evaluation
-failed).
+C{INPUT}; C{b"K" KEY} say whether it compiled.  To the proxy: C{b"R"}
+once, when ready; then one answer per C{E}: C{b"V" OUTPUT} (rego-cpp's
+output JSON text), C{b"U"} (undefined), C{b"C" MESSAGE} (the policy did
+not compile), C{b"X" MESSAGE} (evaluation failed); and one per C{K}:
+C{b"O"} (it compiled) or C{b"C" MESSAGE}.
 
 Standalone on purpose: the standard library and regopy only, so the
 process starts in a fraction of a second and shares nothing with the proxy.
@@ -137,6 +138,9 @@ def main(argv: list[str]) -> int:
             compiled = policies.get(key, "the policy was not sent to the evaluator")
             status, text = evaluate(compiled, body.decode("utf-8"))
             reply(status + text.encode("utf-8", "replace"))
+        elif op == b"K":
+            compiled = policies.get(key, "the policy was not sent to the evaluator")
+            reply(b"C" + compiled.encode("utf-8", "replace") if isinstance(compiled, str) else b"O")
 
 
 if __name__ == "__main__":

@@ -27,12 +27,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
+from connectors_proxy.auth.rego import PolicyChecks, WorkerPool, class_policies
 from connectors_proxy.kube.client import (
     CONNECTOR_CLASSES,
     CONNECTORS,
@@ -94,8 +95,12 @@ class Inventory:
 
     def __init__(self, client: IKubeClient, reactor: Any, store: Store,
                  cluster_domain: str = "cluster.local", serve_tls: bool = False,
-                 stale_after: float = 60.0, watch_timeout: int = 300) -> None:
+                 stale_after: float = 60.0, watch_timeout: int = 300,
+                 policy_checks: PolicyChecks | None = None) -> None:
         self.reactor = reactor
+        #: Compiles classes' Rego policies (in evaluator processes) for
+        #: their Connectors' status; C{None}: not checked.
+        self.policy_checks = policy_checks
         self.store = store
         self.cluster_domain = cluster_domain
         self.serve_tls = serve_tls
@@ -119,6 +124,7 @@ class Inventory:
         self._invalid_classes: dict[str, str] = {}
         self._valid_secrets: dict[ObjectRef, Secret] = {}
         self._invalid_secrets: dict[ObjectRef, str] = {}
+        self._invalid_policies: dict[str, str] = {}
         self._by_class: dict[str, set[Key]] = {}
         self._by_secret: dict[ObjectRef, set[Key]] = {}
         self._rebuild_call: IDelayedCall | None = None
@@ -146,7 +152,8 @@ class Inventory:
 
     def world(self) -> World:
         return World(self._valid_classes, self._invalid_classes, self._valid_secrets,
-                     self._invalid_secrets, self.cluster_domain, self.serve_tls)
+                     self._invalid_secrets, self.cluster_domain, self.serve_tls,
+                     dict(self._invalid_policies))
 
     def connector_keys(self) -> Iterable[Key]:
         return list(self.connectors.items)
@@ -235,10 +242,44 @@ class Inventory:
         self._invalid_classes.pop(name, None)
         if isinstance(new, ConnectorClass):
             self._valid_classes[name] = new
-        elif isinstance(new, InvalidObject):
-            self._invalid_classes[name] = f"{new.field}: {new.problem}"
+            self._check_policies(new)
+        else:
+            self._invalid_policies.pop(name, None)
+            if isinstance(new, InvalidObject):
+                self._invalid_classes[name] = f"{new.field}: {new.problem}"
         self._schedule_rebuild()
         self._dirty(list(self._by_class.get(name, ())))
+
+    def _check_policies(self, cls: ConnectorClass) -> None:
+        """
+        Check (asynchronously, in the evaluator's processes) that C{cls}'s
+        policies compile; the answer feeds the next reconcile of its
+        Connectors.  Until it comes, the last answer for the class stands,
+        so a status does not flap while a broken class is edited.
+        """
+        hooks = class_policies(cls)
+        if not hooks or self.policy_checks is None:
+            self._invalid_policies.pop(cls.name, None)
+            return
+        checks = self.policy_checks
+        d = gatherResults([checks.check(text) for _, text in hooks])
+
+        def checked(problems: list[str | None]) -> None:
+            if self._valid_classes.get(cls.name) != cls:
+                return  # the class changed (or went) since: its own check decides
+            found = "; ".join(f"its {hook} Rego policy does not compile: {problem}"
+                              for (hook, _), problem in zip(hooks, problems, strict=True) if problem) or None
+            if found == self._invalid_policies.get(cls.name):
+                return
+            if found is None:
+                self._invalid_policies.pop(cls.name, None)
+            else:
+                self._invalid_policies[cls.name] = found
+                log.error("ConnectorClass {cls}: {problem}", cls=cls.name, problem=found)
+            self._dirty(list(self._by_class.get(cls.name, ())))
+
+        d.addCallback(checked)
+        d.addErrback(lambda f: log.failure("checking the Rego policies of ConnectorClass {cls}", f, cls=cls.name))
 
     def _secret_event(self, event: str, key: Key, old: Any, new: Any) -> None:
         ref = ObjectRef(*key)
@@ -286,6 +327,9 @@ class ClusterMode(Service):
         C{enable-connector-proxy-permissions} then turns the C{connectors/proxy}
         review on and off at run time, and the replica is ready only once
         the flags have been read.  C{None}: no flags (C{proxy_subresource} alone).
+    @param policy_checks: checks that classes' Rego policies compile (a
+        broken one is reported on its Connectors as C{InvalidPolicy}); by
+        default, when writing, one of its own with one evaluator process.
     """
 
     name = "cluster-mode"
@@ -300,7 +344,8 @@ class ClusterMode(Service):
                  stale_after: float = 60.0, resync_period: float = 600.0,
                  write: bool = True, max_in_flight: int = 8, qps: float = 100.0,
                  burst: float | None = None, lease_duration: float = 15.0, renew_deadline: float = 10.0,
-                 retry_period: float = 2.0, flags_namespace: str | None = None) -> None:
+                 retry_period: float = 2.0, flags_namespace: str | None = None,
+                 policy_checks: PolicyChecks | None = None) -> None:
         self.reactor = reactor
         self.config = config
         self.store = store
@@ -310,8 +355,14 @@ class ClusterMode(Service):
                                              proxy_subresource=proxy_subresource,
                                              stale=review_stale, timeout=review_timeout,
                                              stale_after=stale_after)
+        # Compile checks only matter for the status this replica writes;
+        # one evaluator process, started when a class has a policy.
+        self._own_checks = policy_checks is None and write
+        if self._own_checks:
+            policy_checks = PolicyChecks(WorkerPool(reactor, size=1))
+        self.policy_checks = policy_checks
         self.inventory = Inventory(self.client, reactor, store, cluster_domain, serve_tls,
-                                   stale_after=stale_after)
+                                   stale_after=stale_after, policy_checks=policy_checks)
         # Reviews failing as long as a watch may be away make the replica
         # not ready, as a stale watch does (it keeps serving what it can).
         self.inventory.also_stale = lambda: self.verifier.is_stale
@@ -384,6 +435,9 @@ class ClusterMode(Service):
         if isinstance(self.client, KubeClient):
             client = self.client
             d.addCallback(lambda _: client.close())
+        if self._own_checks and self.policy_checks is not None:
+            checks = self.policy_checks
+            d.addCallback(lambda _: checks.stop())
         return d
 
     def _reflector_state(self, reflector: Reflector) -> None:

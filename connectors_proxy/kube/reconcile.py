@@ -99,6 +99,9 @@ class World:
     invalid_secrets: Mapping[ObjectRef, str] = field(factory=dict)
     cluster_domain: str = "cluster.local"
     serve_tls: bool = False
+    #: Valid classes whose Rego policies do not compile: what is wrong
+    #: (hook and compiler message, never the policy text).
+    invalid_policies: Mapping[str, str] = field(factory=dict)
 
 
 @frozen
@@ -257,6 +260,9 @@ def class_condition(connector: Connector, world: World) -> Condition:
     if name not in world.classes:
         return Condition(CLASS_READY, "False", "ConnectorClassNotFound",
                          f"ConnectorClass {name} not found")
+    if name in world.invalid_policies:
+        return Condition(CLASS_READY, "False", "InvalidPolicy",
+                         f"ConnectorClass {name}: {world.invalid_policies[name]}")
     return Condition(CLASS_READY, "True", "ConnectorClassFound", f"ConnectorClass {name} found")
 
 
