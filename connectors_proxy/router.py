@@ -247,8 +247,7 @@ class ConnectorsResource(Resource):
         except errors.ProxyError as e:
             error = e
         except Exception:
-            log.failure("serving {uri} failed", uri=accesslog.redact_target(request.uri))
-            error = errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)")
+            error = _internal_error(request, "serving {uri} failed")
         send_error(request, error.status, *protocol.error_response(request, error, target))
 
     def _claimant(self, r: Route) -> ProtocolResource:
@@ -258,12 +257,12 @@ class ConnectorsResource(Resource):
                 return resource
         return self.protocols[DEFAULT_PROTOCOL]
 
-    async def _authenticate(self, request: ProxyRequest,
+    async def _authenticate(self, request: ProxyRequest, certified: Identity | None,
                             extracted: Presented | None = None) -> tuple[Identity, Presented | None]:
         # A client certificate verified by a cptls listener with clientCA=
+        # (C{certified}: L{_certified}, read once per request by the caller)
         # is an identity of its own; otherwise the token decides: where the
         # class's authExtractor found it (C{extracted}), else Basic/Bearer.
-        certified = _certified(request)
         presented = extracted if extracted is not None else \
             presented_token(request.getHeader(b"authorization"), _proxy_authorization(request))
         if certified is not None:
@@ -292,7 +291,8 @@ class ConnectorsResource(Resource):
         # answer is the proxy's challenge (some clients send credentials
         # only after it), never a 401 the client would take for the target's.
         forward = r.origin is not None and not r.names_connector
-        if forward and not _proxy_authorization(request) and _certified(request) is None:
+        certified = _certified(request)
+        if forward and not _proxy_authorization(request) and certified is None:
             raise errors.proxy_unauthorized(FORWARD_NEEDS_CREDENTIALS)
         extracted: Presented | None = None
         if r.names_connector:
@@ -306,7 +306,7 @@ class ConnectorsResource(Resource):
             if named_class is not None and named_class.extractor is not None:
                 extracted, r = await hooks.extract(self.rego, request, named_class, r, None)
         try:
-            identity, presented = await self._authenticate(request, extracted)
+            identity, presented = await self._authenticate(request, certified, extracted)
         except errors.ProxyError as e:
             if forward and e.status == 401:
                 raise errors.proxy_unauthorized(e.message) from None
@@ -377,7 +377,7 @@ class ConnectorsResource(Resource):
                 raise errors.proxy_unauthorized(
                     "CONNECT needs 'Proxy-Authorization: Basic base64(NAMESPACE/CONNECTOR:TOKEN)'")
             try:
-                identity, presented = await self._authenticate(request)
+                identity, presented = await self._authenticate(request, certified)
             except errors.ProxyError as e:
                 if e.status == 401:
                     raise errors.proxy_unauthorized(e.message) from None
@@ -406,8 +406,7 @@ class ConnectorsResource(Resource):
         except errors.ProxyError as e:
             error = e
         except Exception:
-            log.failure("serving CONNECT {uri} failed", uri=accesslog.redact_target(request.uri))
-            error = errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)")
+            error = _internal_error(request, "serving CONNECT {uri} failed")
         send_error(request, error.status, *protocol.error_response(request, error, None))
 
     def _intercept(self, request: ProxyRequest, connect: ConnectContext, context: dict[str, Any]) -> None:
@@ -519,6 +518,16 @@ class ConnectorsResource(Resource):
         accesslog.emit(record)
         for observer in self.observers:
             observer(request, record)
+
+
+def _internal_error(request: ProxyRequest, what: str) -> errors.ProxyError:
+    """
+    Log the exception being handled (C{what}: a log format with C{{uri}},
+    given the redacted request target) and make the client's 500, which
+    names nothing of it.
+    """
+    log.failure(what, uri=accesslog.redact_target(request.uri))
+    return errors.ProxyError(500, "INTERNAL", "internal error (see the proxy's log)")
 
 
 def _connect_context(request: ProxyRequest) -> ConnectContext | None:

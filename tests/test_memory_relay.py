@@ -322,3 +322,16 @@ class GoingAwayTests(RelayTestCase):
     def test_upstream_breaks_off_a_chunked_body(self) -> None:
         """Chunked: the client never gets the last chunk, and the connection is aborted."""
         self.assertCut(b"/partial-chunked", (b"transfer-encoding", b"chunked"))
+
+
+class UpstreamNameTests(SynchronousTestCase):
+    def test_other_origin_named_without_credentials(self) -> None:
+        """A failure message naming another origin (a redirect) drops its userinfo and query: they reach the client."""
+        from types import SimpleNamespace
+
+        from connectors_proxy.upstream.relay import _upstream_name
+        target = SimpleNamespace(connector=SimpleNamespace(address="http://git.test/scm"))
+        self.assertEqual(_upstream_name(target, b"https://robot:s3cret@[::1]:8443/blob/1?sig=abc"),  # type: ignore[arg-type]
+                         "https://[::1]:8443/blob/1")
+        self.assertEqual(_upstream_name(target, b"http://git.test/scm/x?token=t"),  # type: ignore[arg-type]
+                         "http://git.test/scm")

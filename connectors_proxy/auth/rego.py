@@ -538,10 +538,14 @@ def describe_evaluation_error(text: str, given: Any) -> str:
     quote what a builtin was called with.
     """
     messages = _messages(text)[:3] or ["evaluation failed"]
-    message = "; ".join(dict.fromkeys(m[:200] for m in messages))
-    for value in sorted((s for s in _strings(given, set()) if len(s) >= 3), key=len, reverse=True):
-        message = message.replace(value, "***")
-    return message
+    values = sorted((s for s in _strings(given, set()) if len(s) >= 3), key=len, reverse=True)
+    masked = []
+    for m in messages:
+        # Masked before it is cut: a value across the cut would leave its start.
+        for value in values:
+            m = m.replace(value, "***")
+        masked.append(m[:200])
+    return "; ".join(dict.fromkeys(masked))
 
 
 _TOKEN_CHARS = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")

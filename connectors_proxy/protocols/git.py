@@ -256,10 +256,7 @@ def secret_markers(credentials: Credentials | None) -> tuple[str, ...]:
     batch answer is decoded JSON): every form L{secrets_for} knows (raw,
     URL-encoded, the injected header value, base64 at every alignment).
     """
-    # Longest first: a form that holds another (the Basic value holds the
-    # password's base64) is masked whole.
-    forms = dict.fromkeys(n.decode("utf-8", "replace") for n in secrets_for(credentials).everywhere)
-    return tuple(sorted(forms, key=len, reverse=True))
+    return tuple(dict.fromkeys(n.decode("utf-8", "replace") for n in secrets_for(credentials).everywhere))
 
 
 @frozen
@@ -561,14 +558,14 @@ async def _relay_lfs_batch(request: ProxyRequest, target: Target, relays: LFSRel
     if response.code == 401:
         await relay.discard(response)
         raise upstream_refused(target)
-    out = relay.response_headers(target, response)
+    secrets = secrets_for(target.credentials)
+    out = relay.response_headers(target, response, secrets)
     body = await relay.read_body(response, LFS_BATCH_LIMIT)
-    markers = secret_markers(target.credentials)
     if not 200 <= response.code < 300:
         # An error document: no actions to rewrite, but it may quote the
         # request's credentials back.
         if not out.hasHeader(b"content-encoding"):
-            body = secrets_for(target.credentials).mask(body)
+            body = secrets.mask(body)
         relay.send_bytes(request, response.code, out, body)
         return
     try:
@@ -580,6 +577,7 @@ async def _relay_lfs_batch(request: ProxyRequest, target: Target, relays: LFSRel
         raise bad_gateway(
             f"the Git LFS batch response of {target.label} is not JSON the proxy can read ({e})"
         ) from None
+    markers = secret_markers(target.credentials)
     owner = _owner(target)
 
     def relay_action(href: str, header: Any, lifetime: float, methods: frozenset[bytes] | None) -> str:
@@ -620,8 +618,7 @@ async def _relay_lfs_transfer(request: ProxyRequest, target: Target, relays: LFS
         await relay.discard(response)
         raise bad_gateway(f"the Git LFS server of {target.label} refused the transfer credentials it gave "
                           "in its batch answer: run git lfs again")
-    await relay.stream_response(request, response, relay.response_headers(upstream, response),
-                                secrets_for(upstream.credentials))
+    await relay.relay_response(request, upstream, response)
 
 
 class GitResource(ProtocolResource):
@@ -658,8 +655,7 @@ class GitResource(ProtocolResource):
         if response.code == 401:
             await relay.discard(response)
             raise upstream_refused(target)
-        await relay.stream_response(request, response, relay.response_headers(target, response),
-                                    secrets_for(target.credentials))
+        await relay.relay_response(request, target, response)
 
     def error_response(self, request: ProxyRequest, error: ProxyError,
                        target: Target | None) -> tuple[Headers, bytes]:

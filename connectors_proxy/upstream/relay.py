@@ -16,7 +16,7 @@ import re
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
@@ -112,14 +112,15 @@ def _upstream_name(target: Target, url: bytes) -> str:
     """The upstream as messages name it: the Connector's address, or the other origin C{url} is on."""
     if same_origin(url.decode("latin-1"), target.connector.address):
         return target.connector.address
-    return url.decode("latin-1").split("?", 1)[0]
+    # Another origin (a redirect, blob storage): its query and any
+    # user:password@ could carry credentials, and messages reach the client.
+    parts = urlsplit(url.decode("latin-1").split("?", 1)[0])
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def describe_failure(reason: Failure, target: Target, url: bytes | None = None) -> str:
     """A one-line explanation of why the upstream (at C{url}) could not be reached."""
-    address = target.connector.address
-    if url is not None and not same_origin(url.decode("latin-1"), address):
-        address = url.decode("latin-1").split("?", 1)[0]
+    address = target.connector.address if url is None else _upstream_name(target, url)
     inner = reason.value
     if isinstance(inner, (ResponseNeverReceived, ResponseFailed)) and inner.reasons:
         inner = inner.reasons[0].value
@@ -461,5 +462,14 @@ async def proxy(request: ProxyRequest, target: Target, rest: bytes | None = None
     """
     response = await send(target, request.method, target.upstream_url(rest),
                           request_headers(request, target), request.body, request)
-    return await stream_response(request, response, response_headers(target, response),
-                                 secrets_for(target.credentials))
+    return await relay_response(request, target, response)
+
+
+async def relay_response(request: ProxyRequest, target: Target, response: IResponse) -> int:
+    """
+    Stream C{response} (from C{target}'s upstream) to the client: headers
+    mapped back and reflected secrets dropped, the body masked where it is
+    text.  Returns the number of response body bytes.
+    """
+    secrets = secrets_for(target.credentials)
+    return await stream_response(request, response, response_headers(target, response, secrets), secrets)
