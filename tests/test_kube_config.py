@@ -182,6 +182,13 @@ class ClusterServiceTests(SynchronousTestCase):
         self.assertEqual(mode.elector.namespace, "ops")
         self.assertFalse(mode.store.ready)
 
+    def test_zero_seconds_are_kept(self) -> None:
+        """C{--review-cache-seconds 0} turns the cache off; it is not replaced by the default."""
+        mode = cluster_service(self.options(**{"review-cache-seconds": 0.0, "review-stale-seconds": 0.0}), Clock())
+        self.assertEqual((mode.verifier.ttl, mode.verifier.stale), (0.0, 0.0))
+        mode = cluster_service(self.options(), Clock())
+        self.assertEqual((mode.verifier.ttl, mode.verifier.stale), (10.0, 300.0))
+
     def test_plain_listeners_no_tls_port(self) -> None:
         mode = cluster_service(self.options(), Clock())
         self.assertFalse(mode.inventory.serve_tls)

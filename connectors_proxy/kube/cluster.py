@@ -466,6 +466,12 @@ def default_identity() -> str:
     return f"{base}_{uuid.uuid4().hex[:8]}"
 
 
+def _seconds(options: Mapping[str, Any], name: str, default: float) -> float:
+    """C{options[name]} as seconds; C{default} only when it is absent."""
+    value = options.get(name)
+    return default if value is None else float(value)
+
+
 def cluster_service(options: Mapping[str, Any], reactor: Any) -> ClusterMode:
     """
     The L{ClusterMode} for the daemon's command line (C{tap.Options}):
@@ -490,8 +496,9 @@ def cluster_service(options: Mapping[str, Any], reactor: Any) -> ClusterMode:
         leader_elect=bool(options.get("leader-elect")),
         serve_tls=serve_tls,
         lease_namespace=options.get("lease-namespace") or None,
-        review_ttl=float(options.get("review-cache-seconds") or 10.0),
-        review_stale=float(stale if (stale := options.get("review-stale-seconds")) is not None else 300.0),
+        # 0 is a setting (no cache, no stale answers), not "unset".
+        review_ttl=_seconds(options, "review-cache-seconds", 10.0),
+        review_stale=_seconds(options, "review-stale-seconds", 300.0),
         audiences=audiences,
         # The install namespace: the pod's own (in-cluster), else the
         # kubeconfig context's, else upstream's default.
