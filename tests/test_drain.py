@@ -58,10 +58,19 @@ class FakeChannel:
     persistent: bool = True
     transport: FakeTransport = field(factory=FakeTransport)
     closed: bool = False
+    # Bytes of a finished response still waiting in the transport's buffer.
+    buffered: bool = False
 
     def loseConnection(self) -> None:
         self.closed = True
-        self.site.channels.discard(self)
+        if not self.buffered:
+            self.site.channels.discard(self)
+
+    def flushed(self) -> None:
+        """The client read the rest; a closing connection is lost now."""
+        self.buffered = False
+        if self.closed:
+            self.site.channels.discard(self)
 
     def finish_request(self) -> None:
         """The response ended; a non-persistent connection closes."""
@@ -146,6 +155,29 @@ class DrainerTests(SynchronousTestCase):
         self.assertEqual(fired(d), 0)
         self.assertFalse(streaming.transport.aborted)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waits_for_the_end_of_a_response_still_in_the_buffer(self) -> None:
+        # Found by CI: the response had ended (no request left) but its last
+        # 64 KiB sat in the buffer of a slow reader; stopping then cut them.
+        slow = self.site.connect(requests=1, started=True)
+        slow.buffered = True
+        d = self.drainer.drain()
+        slow.finish_request()
+        self.clock.pump([0.2] * 10)
+        self.assertIsNone(fired(d))
+        self.assertTrue(slow.closed)
+        slow.flushed()
+        self.clock.advance(0.2)
+        self.assertEqual(fired(d), 0)
+        self.assertFalse(slow.transport.aborted)
+
+    def test_timeout_cuts_a_response_still_in_the_buffer(self) -> None:
+        slow = self.site.connect()
+        slow.buffered = True
+        d = self.drainer.drain()
+        self.clock.pump([0.2] * 151)
+        self.assertEqual(fired(d), 1)
+        self.assertTrue(slow.transport.aborted)
 
     def test_connection_arriving_during_the_drain(self) -> None:
         busy = self.site.connect(requests=1, started=True)

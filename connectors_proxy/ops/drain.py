@@ -67,6 +67,7 @@ class Drainer:
     _wake: Deferred[None] | None = None
     _timer: IDelayedCall | None = None
     _waiters: list[Deferred[int]] = field(factory=list)
+    _closing: set[Any] = field(factory=set)
     _result: Any = None
 
     def connections(self) -> list[Any]:
@@ -122,8 +123,8 @@ class Drainer:
                     log.failure("stopping a listener failed")
         deadline = started + self.timeout
         while True:
-            busy = self._sweep()
-            if not busy:
+            busy, flushing = self._sweep()
+            if not busy and not flushing:
                 log.info("drained in {seconds:.1f}s", seconds=self.clock.seconds() - started, cut=0,
                          event="drain_finished")
                 return 0
@@ -133,30 +134,48 @@ class Drainer:
                     for request in channel.requests:
                         # The access line says the drain cut it, not the client.
                         request.fault = "drain"
+                for channel in busy + flushing:
                     if channel.transport is not None:
                         channel.transport.abortConnection()
-                log.warn("drain {why}: cut {count} connections with requests in flight",
-                         why="aborted" if self._aborted else f"timed out after {self.timeout}s", count=len(busy),
-                         cut=len(busy), seconds=now - started, event="drain_finished")
-                return len(busy)
+                log.warn("drain {why}: cut {count} connections with requests in flight, {flushing} still sending "
+                         "finished responses", why="aborted" if self._aborted else f"timed out after {self.timeout}s",
+                         count=len(busy), flushing=len(flushing), cut=len(busy) + len(flushing),
+                         seconds=now - started, event="drain_finished")
+                return len(busy) + len(flushing)
             await self._sleep(min(self.interval, deadline - now))
 
-    def _sweep(self) -> list[Any]:
-        """Close idle connections, mark busy ones to close after their request; the busy ones."""
-        busy = []
-        for channel in self.connections():
-            if not channel.requests:
-                channel.loseConnection()
-                continue
-            busy.append(channel)
-            if channel.persistent:
-                channel.persistent = False
-                for request in channel.requests:
-                    if not request.startedWriting:
-                        request.setHeader(b"Connection", b"close")
-        # Closing connections are still in site.channels until connectionLost:
-        # they count as busy only if they still carry a request.
-        return busy
+    def _sweep(self) -> tuple[list[Any], list[Any]]:
+        """
+        Close idle connections, mark busy ones to close after their request.
+        Returns the busy ones, and those closing but still open.
+
+        A connection whose response has ended may still hold its last bytes
+        in the transport's buffer (a slow reader, a paused producer): it
+        stays in C{site.channels} until they are written and the connection
+        is lost.  Stopping the reactor before that would cut the end of a
+        response the client was promised, so those count until they go.
+        """
+        busy, flushing = [], []
+        for site in self.sites:
+            for channel in list(site.channels):
+                if channel.requests:
+                    busy.append(channel)
+                    self._close_after_request(channel)
+                    continue
+                if channel not in self._closing:
+                    self._closing.add(channel)
+                    channel.loseConnection()
+                if channel in site.channels:
+                    flushing.append(channel)
+        return busy, flushing
+
+    @staticmethod
+    def _close_after_request(channel: Any) -> None:
+        if channel.persistent:
+            channel.persistent = False
+            for request in channel.requests:
+                if not request.startedWriting:
+                    request.setHeader(b"Connection", b"close")
 
     def _sleep(self, seconds: float) -> Deferred[None]:
         self._wake = Deferred()
