@@ -28,9 +28,8 @@ from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web._newclient import HTTPClientParser
 from twisted.web._newclient import Request as ClientRequest
-from twisted.web.client import URI, BrowserLikePolicyForHTTPS, HTTP11ClientProtocol, HTTPConnectionPool
+from twisted.web.client import HTTP11ClientProtocol, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
@@ -38,7 +37,6 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from connectors_proxy import compat
-from connectors_proxy.upstream.agents import _QuietClientFactory
 
 PACKAGE = os.path.dirname(os.path.abspath(compat.__file__))
 
@@ -110,20 +108,12 @@ class Client(PinnedTestCase):
         self.assertEqual(b"".join(body.data), b"ok")
         return protocol, body
 
-    def test_standard_endpoint_factory(self) -> None:
-        with self.pinned("_StandardEndpointFactory(reactor, policy, timeout, bind).endpointForURI"):
-            factory = compat.StandardEndpointFactory(MemoryReactorClock(), BrowserLikePolicyForHTTPS(), 5.0, None)
-            for uri in (b"http://upstream:8080/x", b"https://upstream/x"):
-                endpoint = factory.endpointForURI(URI.fromBytes(uri))
-                self.assertTrue(IStreamClientEndpoint.providedBy(endpoint), endpoint)
-
     def test_client_factory(self) -> None:
         def callback(protocol: Any) -> None:
             pass
 
-        with self.pinned("_HTTP11ClientFactory(quiescentCallback, metadata) or its _quiescentCallback"):
+        with self.pinned("_HTTP11ClientFactory(quiescentCallback, metadata)"):
             factory = compat.HTTP11ClientFactory(callback, "meta")
-            self.assertIs(compat.quiescent_callback(factory), callback)
             self.assertIsInstance(factory.buildProtocol(None), HTTP11ClientProtocol)
 
     def test_set_pool_factory(self) -> None:
@@ -138,15 +128,6 @@ class Client(PinnedTestCase):
             [factory] = endpoint.factories
             self.assertIsInstance(factory, Mine)
 
-    def test_idle_connections(self) -> None:
-        pool = HTTPConnectionPool(MemoryReactorClock(), persistent=True)
-        with self.pinned("HTTPConnectionPool._connections (idle connections by key)"):
-            self.assertEqual(compat.idle_connections(pool), 0)
-            self.one_request(pool)
-            self.assertEqual(compat.idle_connections(pool), 1)
-            pool.closeCachedConnections()
-            self.assertEqual(compat.idle_connections(pool), 0)
-
     def test_keep_connection(self) -> None:
         kept: list[tuple[Any, Any]] = []
 
@@ -159,42 +140,7 @@ class Client(PinnedTestCase):
         with self.pinned("HTTPConnectionPool._putConnection (called when a connection is done with a request)"):
             protocol, _ = self.one_request(pool)
             self.assertEqual(kept, [(("http", b"upstream", 80), protocol)])
-            self.assertEqual(compat.idle_connections(pool), 1)
         pool.closeCachedConnections()
-
-    def test_response_parser_holds_connection_headers(self) -> None:
-        protocol = HTTP11ClientProtocol()
-        protocol.makeConnection(StringTransport())
-        protocol.request(client_request())
-        with self.pinned("HTTP11ClientProtocol._parser or HTTPClientParser.connHeaders"):
-            parser = compat.response_parser(protocol)
-            self.assertIsInstance(parser, HTTPClientParser)
-            protocol.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: X-A\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n")
-            # Connection is in connHeaders, not in the response's headers: the relay must read it there.
-            self.assertEqual(parser.connHeaders.getRawHeaders(b"connection"), [b"X-A"])
-            self.assertFalse(parser.headers.hasHeader(b"connection"))
-
-    def test_nominated_headers_dropped(self) -> None:
-        """
-        The relay's client protocol, built on the names above, drops what
-        an upstream's C{Connection} header nominates and hands its
-        connection back to the pool.  (From C{tests.test_reflection}.)
-        """
-        returned: list[Any] = []
-        protocol = _QuietClientFactory(returned.append, "meta").buildProtocol(None)
-        protocol.makeConnection(StringTransport())
-        d: Deferred[IResponse] = protocol.request(client_request())
-        # A 1xx first: Twisted's parser starts its connHeaders over after it.
-        protocol.dataReceived(
-            b"HTTP/1.1 100 Continue\r\nConnection: X-Other\r\n\r\n"
-            b"HTTP/1.1 200 OK\r\nConnection: X-Secret-Thing , keep-alive\r\nX-Secret-Thing: v\r\n"
-            b"x-secret-thing: w\r\nX-Other: kept\r\nContent-Length: 0\r\n\r\n"
-        )
-        with self.pinned("the Connection header handling of HTTP11ClientProtocol"):
-            response = self.successResultOf(d)
-            self.assertFalse(response.headers.hasHeader(b"x-secret-thing"))
-            self.assertEqual(response.headers.getRawHeaders(b"x-other"), [b"kept"])
-            self.assertEqual(returned, [protocol])  # the connection went back to the pool
 
 
 # -- the server channel -----------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.metadata
+import io
 import os
 import secrets
 import signal
@@ -26,14 +27,15 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from twisted.web.client import ResponseDone
 
 from connectors_proxy.model.objects import ObjectRef
+from connectors_proxy.model.state import Store
 from connectors_proxy.ops.drain import Reloader, SourceHealth
 from connectors_proxy.server.limits import ConcurrencyLimiter
+from connectors_proxy.sources import manifests
 from connectors_proxy.sources.lint import lint_text
-from connectors_proxy.upstream.bodies import BytesProducer
-from connectors_proxy.upstream.timeouts import TimedAgent, UpstreamTimeout, UpstreamTimeouts
+from connectors_proxy.tap import load_manifests
+from connectors_proxy.upstream.timeouts import UpstreamTimeouts
 
 from .support.procs import free_port, run, start_server
 from .support.proxy import (
@@ -111,159 +113,6 @@ async def hung_proxy_process(test: TestCase, *options: str) -> tuple[ProxyProces
 def access_lines(log: str) -> list[dict[str, Any]]:
     """The access lines of a JSON log."""
     return [line for line in json_lines(log) if line.get("event") == "access"]
-
-
-class _Recorder(Protocol):
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.reason: Failure | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
-        self.reason = reason
-
-
-class _Producer:
-    """A response body's transport: what was asked of it."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def pauseProducing(self) -> None:
-        self.calls.append("pause")
-
-    def resumeProducing(self) -> None:
-        self.calls.append("resume")
-
-    def stopProducing(self) -> None:
-        self.calls.append("stop")
-
-
-class _Response:
-    code = 200
-    length = 10
-
-    def __init__(self) -> None:
-        self.transport = _Producer()
-
-    def deliverBody(self, protocol: Any) -> None:
-        protocol.makeConnection(self.transport)
-
-
-class _Body(BytesProducer):
-    """An upload that lasts until the test fires C{done}."""
-
-    def __init__(self) -> None:
-        super().__init__(b"abc")
-        self.done: Deferred[None] = Deferred()
-
-    def startProducing(self, consumer: Any) -> Deferred[None]:
-        return self.done
-
-
-class _Agent:
-    """An agent whose requests wait until the test answers them (their body is started at once)."""
-
-    def __init__(self) -> None:
-        self.pending: list[Deferred[Any]] = []
-        self.cancelled = 0
-
-    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
-        def cancel(d: Deferred[Any]) -> None:
-            self.cancelled += 1
-
-        d: Deferred[Any] = Deferred(cancel)
-        if bodyProducer is not None:
-            bodyProducer.startProducing(None)
-        self.pending.append(d)
-        return d
-
-
-class TimeoutUnits(SynchronousTestCase):
-    """Item 1, the timers alone, on a clock."""
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.inner = _Agent()
-        self.agent = TimedAgent(self.inner, self.clock, UpstreamTimeouts(headers=10, idle=5))  # type: ignore[arg-type]
-
-    def test_headers_timer_starts_when_the_body_is_sent(self) -> None:
-        body = _Body()
-        d = self.agent.request(b"PUT", b"http://u/", None, body)  # type: ignore[arg-type]
-        # A long upload is not the upstream's delay.
-        self.clock.advance(100)
-        self.assertNoResult(d)
-        body.done.callback(None)
-        self.clock.advance(9.9)
-        self.assertNoResult(d)
-        self.clock.advance(0.2)
-        failure = self.failureResultOf(d, UpstreamTimeout)
-        self.assertEqual((failure.value.phase, failure.value.fault), ("headers", "upstream-timeout"))
-        self.assertEqual(self.inner.cancelled, 1)
-
-    def test_answer_in_time(self) -> None:
-        d = self.agent.request(b"GET", b"http://u/")
-        self.clock.advance(9)
-        self.inner.pending[0].callback(_Response())
-        response = self.successResultOf(d)
-        self.assertEqual(response.code, 200)
-        self.clock.advance(100)
-        self.assertEqual(self.inner.cancelled, 0)
-        # No timer left behind but the body's, which starts with its reading.
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_cancel_is_the_callers(self) -> None:
-        d = self.agent.request(b"GET", b"http://u/")
-        d.cancel()
-        self.failureResultOf(d).trap(Exception)
-        self.assertEqual(self.inner.cancelled, 1)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def _body(self) -> tuple[_Response, _Recorder]:
-        d = self.agent.request(b"GET", b"http://u/")
-        inner = _Response()
-        self.inner.pending[0].callback(inner)
-        reader = _Recorder()
-        self.successResultOf(d).deliverBody(reader)
-        return inner, reader
-
-    def test_idle_body_is_cut(self) -> None:
-        inner, reader = self._body()
-        self.clock.advance(4)
-        self.clock.advance(0.5)
-        self.assertEqual(inner.transport.calls, [])
-        self.clock.advance(0.6)
-        self.assertEqual(inner.transport.calls, ["stop"])
-        # Whatever the connection's end says, the reader learns it was the timeout.
-        reader.transport.connectionLost(Failure(ResponseDone()))
-        assert reader.reason is not None
-        self.assertEqual(reader.reason.value.phase, "body")
-
-    def test_every_chunk_resets(self) -> None:
-        inner, reader = self._body()
-        for _ in range(10):
-            self.clock.advance(4)
-            reader.transport.dataReceived(b"x")
-        self.assertEqual(inner.transport.calls, [])
-        self.assertEqual(len(reader.data), 10)
-        reader.transport.connectionLost(Failure(ResponseDone()))
-        assert reader.reason is not None
-        reader.reason.trap(ResponseDone)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_paused_by_the_proxy_does_not_count(self) -> None:
-        inner, reader = self._body()
-        # A slow client: the proxy pauses the upstream for a long time.
-        reader.transport.pauseProducing()
-        self.clock.advance(60)
-        self.assertEqual(inner.transport.calls, ["pause"])
-        reader.transport.resumeProducing()
-        self.clock.advance(4.9)
-        self.assertEqual(inner.transport.calls, ["pause", "resume"])
-        self.clock.advance(0.2)
-        self.assertEqual(inner.transport.calls, ["pause", "resume", "stop"])
 
 
 class HungUpstream(TestCase):
@@ -486,6 +335,57 @@ items:
 
     def test_unparsable_is_left_to_the_loader(self) -> None:
         self.assertEqual(lint_text("kind: [broken\n", "f.yaml"), [])
+
+    def startup(self, files: dict[str, str]) -> tuple[str, list[str], list[str], list[str]]:
+        """
+        The startup load and lint of C{files} (name -> text) in a folder:
+        the folder, what L{lint_text} says of each file, what the startup
+        warned, and every text the YAML loader was given.
+        """
+        folder = self.mktemp()
+        os.makedirs(folder)
+        for name, text in files.items():
+            write_file(self, name, text, folder)
+        expected = [str(p) for name in sorted(files) for p in lint_text(files[name], os.path.join(folder, name))]
+        decoded: list[str] = []
+        init = manifests._LOADER.__init__
+
+        def counting(loader: Any, stream: str) -> None:
+            decoded.append(stream)
+            init(loader, stream)
+        self.patch(manifests._LOADER, "__init__", counting)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        source = manifests.ManifestSource(Clock(), [folder], Store())
+        load_manifests(source, [folder], strict=False)
+        warned = [e["problem"] for e in events if e.get("event") == "manifest_problem"]
+        return folder, expected, warned, decoded
+
+    def test_startup_decodes_each_document_once(self) -> None:
+        """
+        The startup lint reads the documents the load decoded: each is
+        decoded once (a document repeated in another file is not decoded
+        again), and the warnings are what L{lint_text} finds in each file.
+        """
+        listed = ("apiVersion: v1\nkind: List\nitems:\n"
+                  "- {apiVersion: v1, kind: Secret, metadata: {name: creds, namespace: team}, strinData: {a: b}}\n")
+        conector = TYPO_KIND[TYPO_KIND.rindex("---\n"):]
+        files = {"a.yaml": TYPO_KIND, "b.yaml": TYPO_FIELD + "---\n" + listed, "c.yaml": "# again\n" + conector}
+        folder, expected, warned, decoded = self.startup(files)
+        self.assertEqual(len(expected), 4)
+        self.assertEqual(warned, expected)
+        pieces = {piece for text in files.values() for _, piece in manifests.split_documents(text)}
+        self.assertEqual(sorted(decoded), sorted(pieces))
+
+    def test_startup_failure_names_a_misspelling(self) -> None:
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        with self.assertRaises(SystemExit):
+            self.startup({"a.yaml": TYPO_FIELD.replace("  address:", "  adress:")})
+        [line] = stderr.getvalue().splitlines()
+        self.assertIn("spec.address: is required (and ", line)
+        self.assertIn("unknown field 'spec.adress': did you mean 'address'?", line)
 
 
 class ReloadReporting(SynchronousTestCase):

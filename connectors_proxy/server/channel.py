@@ -347,6 +347,19 @@ class ProxyRequest(server.Request):
             self._close_if_body_pending()
         super().write(data)
 
+    def write_chunks(self, data: bytes, payload: int) -> None:
+        """
+        Write body bytes already in the chunked coding (whole chunks, no
+        last chunk: L{finish} writes it) carrying C{payload} bytes, to a
+        response that is sent chunked (L{chunked}, once its head is written).
+        """
+        if compat.request_gone(self) or not data:
+            return
+        if not self.chunked:
+            raise RuntimeError("write_chunks on a response that is not sent chunked")
+        self.sentLength += payload
+        self.channel.write(data)
+
     def finish(self) -> None:
         if self.body_pending and self.channel is not None:
             self._close_if_body_pending()

@@ -44,6 +44,7 @@ from connectors_proxy.server.headers import (
 )
 from connectors_proxy.server.routing import Route
 from connectors_proxy.tls.upstream import describe_tls_failure, tls_error
+from connectors_proxy.upstream.framing import Framing
 from connectors_proxy.upstream.reflection import DECODABLE, Inflater, Masker, Secrets, secrets_for, textual
 from connectors_proxy.upstream.target import Target
 from connectors_proxy.upstream.timeouts import UpstreamTimeout
@@ -242,15 +243,31 @@ class _ResponseRelay(Protocol):
             self.dataReceived = self._mask  # type: ignore[method-assign]
 
     def connectionMade(self) -> None:
+        if self.masker is None and getattr(self.transport, "framing", None) is Framing.CHUNKED:
+            # A chunked body the client also gets chunked (HTTP/1.1) can be
+            # handed on in its own framing: no decoding and no re-encoding
+            # (a git clone's pack comes in many small chunks).  Whether the
+            # client's response is chunked is settled when its head is
+            # written, so it is written now.
+            request = self.request
+            if not request.startedWriting and not compat.request_gone(request):
+                request.write(b"")
+            self.wants_framed = bool(request.chunked)
         if self.small:
             # At most SMALL_BODY bytes will come: nothing to pace, so skip
             # the producer registration (and its pause/resume churn).
             return
         self.request.registerProducer(self.transport, True)
 
+    wants_framed = False
+
     def dataReceived(self, data: bytes) -> None:
         self.sent += len(data)
         self.request.write(data)
+
+    def framedReceived(self, data: bytes, payload: int) -> None:
+        self.sent += payload
+        self.request.write_chunks(data, payload)
 
     def _mask(self, data: bytes) -> None:
         assert self.masker is not None
