@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_git_clientconfig,tests.test_clientconfig -*-
+# -*- test-case-name: tests.test_git_clientconfig,tests.test_clientconfig,tests.test_client_packages -*-
 """
 Client-side configuration for a Connector: the files the Connectors CSI
 driver mounts into a pod, written here for standalone users (a laptop, a CI
@@ -679,14 +679,17 @@ def _pick(docs: Iterable[Any], kind: str, name: str, namespace: str | None = Non
 def from_manifests(paths: Sequence[str], refs: Sequence[tuple[str, str]], cluster_domain: str = DEFAULT_CLUSTER_DOMAIN,
                    proxy: str | None = None) -> list[ConnectorInfo]:
     """The Connectors C{refs} (namespace, name) and their classes, from manifest files or folders."""
-    from connectors_proxy.sources.manifests import ManifestError, manifest_files
+    from connectors_proxy.sources.manifests import ManifestError, decode_documents, manifest_files, objects_in
 
     docs: list[Any] = []
     try:
         for path in manifest_files(paths):
             with open(path, encoding="utf-8") as f:
-                docs.extend(yaml.safe_load_all(f))
-    except (ManifestError, yaml.YAMLError) as e:
+                text = f.read()
+            # Read as the proxy reads them: a List's items (kubectl get -o yaml) too.
+            for _, content in decode_documents(text, path):
+                docs.extend(objects_in(content))
+    except ManifestError as e:
         raise ClientConfigError(str(e).replace("\n", " ")) from None
     out = []
     for namespace, name in refs:

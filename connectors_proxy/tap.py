@@ -331,13 +331,18 @@ def load_manifests(source: ManifestSource, paths: Sequence[str], strict: bool) -
     warnings, or with C{strict} stop it too; then one line says what was
     loaded, and loudly when that is no Connector at all.
     """
-    problems = lint.lint_paths(paths)
+    error: ManifestError | None = None
+    # Linted as loaded: each document is decoded once, for both.
+    with source.parser.keeping() as documents:
+        try:
+            source.load_now()
+        except ManifestError as e:
+            error = e
+    problems = lint.lint_documents(documents)
     mistakes = [problem for problem in problems if problem.mistake]
-    try:
-        source.load_now()
-    except ManifestError as e:
+    if error is not None:
         # A misspelled field is often why a required one is missing.
-        fail(f"{e}" + (f" (and {mistakes[0]})" if mistakes else ""))
+        fail(f"{error}" + (f" (and {mistakes[0]})" if mistakes else ""))
     if strict and mistakes:
         more = f"; {len(mistakes) - 1} more" if len(mistakes) > 1 else ""
         fail(f"{mistakes[0]} (refused by --strict{more})")

@@ -415,6 +415,25 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(Path(folder, "connector.status.proxyAddress").read_text(),
                          "http://127.0.0.1:8080/namespaces/team/connectors/pkgs")
 
+    def test_from_manifests_reads_lists(self) -> None:
+        """
+        What C{kubectl get connectorclasses,connectors -o yaml} writes (a
+        C{v1 List} of the objects) is read as the manifest loader reads it.
+        """
+        listed = self.mktemp()
+        os.makedirs(listed)
+        Path(listed, "exported.yaml").write_text(yaml.safe_dump(
+            {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""},
+             "items": [upstream_class("pypi"), connector("pkgs", "pypi", "https://pypi.example.com")]}))
+        [found] = clientconfig.from_manifests([listed], [("team", "pkgs")], proxy="http://127.0.0.1:8080")
+        self.assertEqual((found.namespace, found.name, found.cls.name, found.proxy_address),
+                         ("team", "pkgs", "pypi", "http://127.0.0.1:8080/namespaces/team/connectors/pkgs"))
+        self.assertEqual(found.cls.configurations, info("pkgs", "pypi", "https://pypi.example.com").cls.configurations)
+        Path(listed, "broken.yaml").write_text("kind: [broken\n")
+        with self.assertRaises(ClientConfigError) as raised:
+            clientconfig.from_manifests([listed], [("team", "pkgs")])
+        self.assertIn("broken.yaml: line 2: invalid YAML", str(raised.exception))
+
     def test_one_file_and_namespace_option(self) -> None:
         code, out, err = self.main("files", "--manifests", self.manifests, "--connector", "repo",
                                    "--namespace", "build", "--token-file", self.token, "--only", "settings.xml",

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -342,6 +342,40 @@ class OutageTests(SynchronousTestCase):
         self.kube.fail["tokenreview"] = [KubeError(503, "ServiceUnavailable", "etcd")]
         self.assertIsInstance(self.successResultOf(self.verifier.authenticate(self.token)), Identity)
         self.assertIsNotNone(self.verifier.outage_since)
+
+    def test_review_errors_warned_once_per_change(self) -> None:
+        """
+        An error answer (the proxy's own RBAC refusing its reviews) fails
+        every request until it is fixed, but is warned once, not per
+        request; a different error is warned once more, and so is the
+        recovery.  Each kind of review has its own: a working TokenReview
+        does not end a failing SubjectAccessReview's error.
+        """
+        def warnings() -> list[str]:
+            return [formatEvent(e) for e in self.logged if e.get("log_level") == LogLevel.warn]
+
+        forbidden = 'tokenreviews.authentication.k8s.io is forbidden: User "system:serviceaccount:cp:proxy" cannot'
+        self.kube.fail["tokenreview"] = [KubeError(403, "Forbidden", forbidden) for _ in range(50)]
+        for _ in range(50):
+            self.clock.advance(1)
+            self.assertFalse(self.request())
+        self.assertEqual(warnings(), [f"TokenReview failed: 403 Forbidden: {forbidden}"])
+        self.kube.fail["tokenreview"] = [KubeError(500, "InternalError", "boom") for _ in range(10)]
+        for _ in range(10):
+            self.assertFalse(self.request())
+        self.assertEqual(len(warnings()), 2)
+        self.assertEqual(warnings()[1], "TokenReview failed: 500 InternalError: boom")
+        # TokenReviews work again, SubjectAccessReviews are refused.
+        self.kube.fail["subjectaccessreview"] = [KubeError(403, "Forbidden", "no") for _ in range(20)]
+        for _ in range(20):
+            self.clock.advance(11)  # past the cached answers
+            self.assertFalse(self.request())
+        self.assertEqual(warnings()[2:], ["TokenReview answers again (60 calls failed since the first error)",
+                                          "SubjectAccessReview failed: 403 Forbidden: no"])
+        self.clock.advance(11)
+        self.assertTrue(self.request())
+        self.assertEqual(warnings()[4:], ["SubjectAccessReview answers again (20 calls failed since the first error)"])
+        self.assertIsNone(self.verifier.outage_since)
 
     def test_readiness_follows_a_long_outage(self) -> None:
         changes: list[bool] = []

@@ -16,6 +16,7 @@ saw for canaries.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import time
@@ -384,6 +385,48 @@ class ErrorTextTests(SynchronousTestCase):
         text = '(error (errormsg 25:to_number: bad "tok-9999") (errorast x))'
         described = describe_evaluation_error(text, {"request": {"headers": {"Private-Token": ["tok-9999"]}}})
         self.assertEqual(described, 'to_number: bad "***"')
+
+    def test_evaluation_error_masks_encoded_secrets(self) -> None:
+        """
+        A message may quote a secret as the policy turned it: in the base64
+        of a Basic header it built, or JSON-escaped.  Those forms are masked
+        as the relay masks reflected credentials, not only the exact string.
+        """
+        canary = 'c"' + secrets.token_hex(8)  # the quote is escaped in JSON
+        basic = base64.b64encode(f"build:{canary}".encode()).decode("ascii")
+        for quoted in (basic, base64.urlsafe_b64encode(canary.encode()).decode("ascii"), json.dumps(canary)[1:-1]):
+            message = f'invalid header value "Basic {quoted}"'
+            text = f"(error (errormsg {len(message)}:{message}) (errorast x))"
+            described = describe_evaluation_error(text, {"data": {"username": "build", "password": canary}})
+            self.assertTrue(described.startswith('invalid header value "Basic '), described)
+            self.assertIn("***", described)
+            self.assertFalse(secrets_for(None, canary).found_in(described.encode()), described)
+            self.assertNotIn(quoted, described)
+
+    def test_evaluation_error_log_masks_encoded_secrets(self) -> None:
+        """The generator's failure, as logged: the Basic header quoted in it is masked."""
+        class QuotesTheHeader:
+            """An evaluator whose error quotes the Basic header the policy built of C{input.data}."""
+
+            def evaluate(self, policy: str, input_json: str) -> Deferred[Reply]:
+                data = json.loads(input_json)["data"]
+                pair = f"{data['username']}:{data['password']}".encode()
+                message = f'invalid header value "Basic {base64.b64encode(pair).decode()}"'
+                return succeed(Reply("error", f"(error (errormsg {len(message)}:{message}) (errorast x))"))
+
+            def stop(self) -> Deferred[None]:
+                return succeed(None)
+
+        events = capture(self)
+        canary = secrets.token_urlsafe(12)
+        credentials = RegoCredentials("gitlab", "basicAuth", "package proxy\n",
+                                      (("password", canary), ("username", "build")))
+        hooks = RegoHooks(QuotesTheHeader())  # type: ignore[arg-type]
+        with self.assertRaises(HookFailed):
+            run_now(Deferred.fromCoroutine(hooks.generate(credentials, lambda reads: {})))
+        text = logged(events)
+        self.assertIn("invalid header value", text)
+        self.assertFalse(secrets_for(None, canary).found_in(text.encode()), text)
 
 
 # -- the engine, in process ------------------------------------------------------

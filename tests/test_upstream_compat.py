@@ -290,7 +290,8 @@ class FlagTests(SynchronousTestCase):
     def test_standalone_manifest(self) -> None:
         """Standalone: the same ConfigMap among the manifests loads, without a warning."""
         docs = [config_map(**{PROXY_PERMISSIONS: "true"}), connector("ns", "a", "x", "http://a.test")]
-        self.assertEqual(len(parse_documents(manifests_text(docs), "<test>")), 1)
+        # Both read: the ConfigMap carries the flags (enable-custom-ca-certs applies standalone).
+        self.assertEqual(len(parse_documents(manifests_text(docs), "<test>")), 2)
         self.assertEqual([problem for doc in docs for problem in lint_document(doc)], [])
 
 

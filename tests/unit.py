@@ -22,7 +22,9 @@ from twisted.trial.unittest import TestSuite
 
 UNIT = (
     "tests.test_compat",
+    "tests.test_connect_memory",
     "tests.test_credentials",
+    "tests.test_custom_ca",
     "tests.test_drain",
     "tests.test_fairness",
     "tests.test_git",
@@ -55,6 +57,8 @@ UNIT = (
     "tests.test_streaming",
     "tests.test_tls",
     "tests.test_tls_mint",
+    "tests.test_upstream_client",
+    "tests.test_upstream_framing",
 )
 
 # What each needs, besides the proxy itself.
@@ -62,6 +66,7 @@ INTEGRATION = (
     "tests.test_coexistence",  # twistd subprocess (upstream's Deployment flags)
     "tests.test_connect",  # curl, git, nginx, git-http-backend, twistd subprocess
     "tests.test_clientconfig",  # pip, mvn, git, go
+    "tests.test_client_packages",  # npm, verdaccio, mvn, unshare
     "tests.test_docs",  # runs the commands of docs/ pages
     "tests.test_upstream_compat",  # curl, git, kube-apiserver
     "tests.test_daemon",  # twistd subprocess, nginx

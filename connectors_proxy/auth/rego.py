@@ -48,6 +48,7 @@ from zope.interface import Interface, implementer
 
 from connectors_proxy.auth import regoworker
 from connectors_proxy.model.credentials import POSITIONS, Placement, RegoCredentials
+from connectors_proxy.upstream.reflection import secrets_for
 
 log = Logger()
 
@@ -531,20 +532,29 @@ def _strings(value: Any, out: set[str]) -> set[str]:
     return out
 
 
+_STARS = re.compile(r"\*{3,}")
+
+
 def describe_evaluation_error(text: str, given: Any) -> str:
     """
     rego-cpp's evaluation error, cut to its messages, with every string of
     the input C{given} (tokens, Secret data, headers) masked: a message may
-    quote what a builtin was called with.
+    quote what a builtin was called with, or what the policy made of it (a
+    Basic header's base64, a JSON-escaped string).  The forms looked for
+    are those of reflected credentials (L{secrets_for}); strings too short
+    for those are masked where they appear as they are.
     """
     messages = _messages(text)[:3] or ["evaluation failed"]
     values = sorted((s for s in _strings(given, set()) if len(s) >= 3), key=len, reverse=True)
+    forms = secrets_for(None, *values)
     masked = []
     for m in messages:
         # Masked before it is cut: a value across the cut would leave its start.
+        m = forms.mask(m.encode("utf-8")).decode("utf-8", "replace")
         for value in values:
             m = m.replace(value, "***")
-        masked.append(m[:200])
+        # Same-length masks would tell each secret's length.
+        masked.append(_STARS.sub("***", m)[:200])
     return "; ".join(dict.fromkeys(masked))
 
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kube_writer,tests.test_kube_e2e -*-
+# -*- test-case-name: tests.test_kube_writer,tests.test_kube_e2e,tests.test_custom_ca -*-
 """
 Cluster mode for the daemon: one Twisted service that watches the cluster,
 feeds the proxy's L{Store}, keeps proxy Services and Connector status
@@ -16,6 +16,11 @@ Watches (all namespaces):
     cluster-wide.
   - Services labelled C{app.kubernetes.io/managed-by=connectors-proxy}, to
     put back a proxy Service edited or deleted by hand.
+
+The Secrets watch also brings the install namespace's Secrets labelled
+C{connectors.cpaas.io/ca-cert: "true"}: with upstream's
+C{enable-custom-ca-certs} on, they join every Connector's tool CA pool
+(L{connectors_proxy.tls.capool}) and Connectors get C{CACertReady}.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from connectors_proxy.kube.leader import LeaderElector
 from connectors_proxy.kube.reconcile import MANAGED_BY, MANAGED_BY_LABEL, World, connector_name_of_service
 from connectors_proxy.kube.reflector import Key, Reflector, strip_managed_fields
 from connectors_proxy.kube.writer import IInventory, Writer
+from connectors_proxy.model.flags import DEFAULTS, FeatureFlags
 from connectors_proxy.model.objects import (
     Connector,
     ConnectorClass,
@@ -60,7 +66,7 @@ from connectors_proxy.model.objects import (
     parse_connector_class,
     parse_secret,
 )
-from connectors_proxy.model.state import Snapshot, Store
+from connectors_proxy.model.state import Snapshot, Store, ca_cert_secrets
 
 log = Logger()
 
@@ -96,8 +102,12 @@ class Inventory:
     def __init__(self, client: IKubeClient, reactor: Any, store: Store,
                  cluster_domain: str = "cluster.local", serve_tls: bool = False,
                  stale_after: float = 60.0, watch_timeout: int = 300,
-                 policy_checks: PolicyChecks | None = None) -> None:
+                 policy_checks: PolicyChecks | None = None, install_namespace: str | None = None) -> None:
         self.reactor = reactor
+        #: Where labelled CA Secrets join the tool CA pool (C{None}: nowhere).
+        self.install_namespace = install_namespace
+        #: Upstream's feature flags, as L{set_flags} was last told.
+        self.flags: FeatureFlags = DEFAULTS
         #: Compiles classes' Rego policies (in evaluator processes) for
         #: their Connectors' status; C{None}: not checked.
         self.policy_checks = policy_checks
@@ -127,6 +137,8 @@ class Inventory:
         self._invalid_policies: dict[str, str] = {}
         self._by_class: dict[str, set[Key]] = {}
         self._by_secret: dict[ObjectRef, set[Key]] = {}
+        self._by_ca_secret: dict[ObjectRef, set[Key]] = {}
+        self._ca_secrets: dict[ObjectRef, Secret] = {}
         self._rebuild_call: IDelayedCall | None = None
         self.snapshots = 0
         #: Another reason to answer "not ready" (identity reviews failing for
@@ -153,7 +165,7 @@ class Inventory:
     def world(self) -> World:
         return World(self._valid_classes, self._invalid_classes, self._valid_secrets,
                      self._invalid_secrets, self.cluster_domain, self.serve_tls,
-                     dict(self._invalid_policies))
+                     dict(self._invalid_policies), custom_ca_certs=self.flags.custom_ca_certs)
 
     def connector_keys(self) -> Iterable[Key]:
         return list(self.connectors.items)
@@ -199,9 +211,21 @@ class Inventory:
     def _rebuild(self) -> None:
         self._rebuild_call = None
         self.store.replace(Snapshot(dict(self._valid_classes), dict(self._valid_connectors),
-                                    dict(self._valid_secrets)))
+                                    dict(self._valid_secrets), self.flags,
+                                    ca_cert_secrets(self._ca_secrets.values(), self.install_namespace)))
         self.snapshots += 1
         self._update_ready()
+
+    def set_flags(self, flags: FeatureFlags) -> None:
+        """
+        Upstream's feature flags changed: the next snapshot carries them
+        and, when C{enable-custom-ca-certs} flipped, every Connector's
+        status is checked again (C{CACertReady} comes or stops being written).
+        """
+        was, self.flags = self.flags, flags
+        self._schedule_rebuild()
+        if was.custom_ca_certs != flags.custom_ca_certs:
+            self._dirty(self.connector_keys())
 
     def _dirty(self, keys: Iterable[Key]) -> None:
         if self.on_dirty is not None:
@@ -226,15 +250,18 @@ class Inventory:
         self._by_class.setdefault(connector.class_name, set()).add(key)
         if connector.secret_ref is not None:
             self._by_secret.setdefault(connector.secret_ref, set()).add(key)
+        if connector.ca_secret_ref is not None:
+            self._by_ca_secret.setdefault(connector.ca_secret_ref, set()).add(key)
 
     def _unindex(self, key: Key, connector: Connector) -> None:
         self._by_class.get(connector.class_name, set()).discard(key)
-        if connector.secret_ref is not None:
-            keys = self._by_secret.get(connector.secret_ref)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_secret[connector.secret_ref]
+        for index, ref in ((self._by_secret, connector.secret_ref), (self._by_ca_secret, connector.ca_secret_ref)):
+            if ref is not None:
+                keys = index.get(ref)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del index[ref]
 
     def _class_event(self, event: str, key: Key, old: Any, new: Any) -> None:
         name = key[1]
@@ -285,8 +312,11 @@ class Inventory:
         ref = ObjectRef(*key)
         self._valid_secrets.pop(ref, None)
         self._invalid_secrets.pop(ref, None)
+        self._ca_secrets.pop(ref, None)
         if isinstance(new, Secret):
             self._valid_secrets[ref] = new
+            if new.ca_cert and new.namespace == self.install_namespace:
+                self._ca_secrets[ref] = new
         elif isinstance(new, InvalidObject):
             self._invalid_secrets[ref] = f"{new.field}: {new.problem}"
         self._schedule_rebuild()
@@ -294,6 +324,9 @@ class Inventory:
         if type(old) is not type(new) or (isinstance(new, Secret) and isinstance(old, Secret)
                                           and new.type != old.type):
             self._dirty(list(self._by_secret.get(ref, ())))
+        if self.flags.custom_ca_certs:
+            # CACertReady depends on the CA Secret's contents too.
+            self._dirty(list(self._by_ca_secret.get(ref, ())))
 
     def _service_event(self, event: str, key: Key, old: Any, new: Any) -> None:
         name = connector_name_of_service(new if new is not None else old)
@@ -325,8 +358,10 @@ class ClusterMode(Service):
     @param flags_namespace: watch upstream's feature flags (ConfigMap
         C{connectors-config}) in this namespace, the install namespace:
         C{enable-connector-proxy-permissions} then turns the C{connectors/proxy}
-        review on and off at run time, and the replica is ready only once
-        the flags have been read.  C{None}: no flags (C{proxy_subresource} alone).
+        review on and off at run time, C{enable-custom-ca-certs} the tool CA
+        pool of this namespace's labelled Secrets and C{CACertReady}, and the
+        replica is ready only once the flags have been read.  C{None}: no
+        flags (C{proxy_subresource} alone).
     @param policy_checks: checks that classes' Rego policies compile (a
         broken one is reported on its Connectors as C{InvalidPolicy}); by
         default, when writing, one of its own with one evaluator process.
@@ -362,7 +397,8 @@ class ClusterMode(Service):
             policy_checks = PolicyChecks(WorkerPool(reactor, size=1))
         self.policy_checks = policy_checks
         self.inventory = Inventory(self.client, reactor, store, cluster_domain, serve_tls,
-                                   stale_after=stale_after, policy_checks=policy_checks)
+                                   stale_after=stale_after, policy_checks=policy_checks,
+                                   install_namespace=flags_namespace)
         # Reviews failing as long as a watch may be away make the replica
         # not ready, as a stale watch does (it keeps serving what it can).
         self.inventory.also_stale = lambda: self.verifier.is_stale
@@ -372,6 +408,7 @@ class ClusterMode(Service):
             flags = self.flags = FeatureFlagWatch(self.client, reactor, flags_namespace)
             flags.on_change.append(
                 lambda now: setattr(self.verifier, "proxy_subresource", proxy_subresource or now.proxy_permissions))
+            flags.on_change.append(self.inventory.set_flags)
             # Not ready until the flags are known: with the permissions flag
             # on, serving before would skip the connectors/proxy review.
             self.inventory.also_stale = lambda: self.verifier.is_stale or not flags.synced

@@ -24,7 +24,8 @@ server (TokenReview, then SubjectAccessReview), with short-lived caches.
     trial call at a time checks whether the API server is back.
   - An outage is logged once when it starts and once when it ends (with how
     many answers were served stale and how many requests were refused),
-    never once per request.
+    never once per request; so is an error answer (the proxy's own RBAC
+    refusing its reviews): once per change of the error, once when it ends.
 """
 
 from __future__ import annotations
@@ -312,6 +313,8 @@ class KubeIdentityVerifier:
     on_stale_change: list[Callable[[], object]] = field(factory=list)
     _outage_counts: tuple[int, int] = (0, 0)
     _stale_call: Any = None
+    #: Per kind of review in error: its last error and the calls failed since the first.
+    _review_errors: dict[str, tuple[str, int]] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         in_outage = lambda: self.outage_since is not None  # noqa: E731
@@ -440,14 +443,36 @@ class KubeIdentityVerifier:
                 # It answered (with an error): reachable, not an outage.
                 self.circuit.succeeded()
                 self._outage_ended()
-                log.emit(LogLevel.warn, "{what} failed: {error}", what=what, error=detail)
+                self._review_failed(what, detail)
             raise ReviewUnavailable(f"{what} failed: {detail}", outage=outage) from None
         finally:
             if timer.active():
                 timer.cancel()
         self.circuit.succeeded()
         self._outage_ended()
+        self._review_answered(what)
         return status
+
+    def _review_failed(self, what: str, detail: str) -> None:
+        """
+        An error answer to a review: warned when it differs from the last
+        one of this kind of review.  Errors are not cached, so one that
+        lasts (the proxy's own RBAC refusing its reviews) fails every
+        request: a warning each time would bury the log.
+        """
+        last, failed = self._review_errors.get(what, (None, 0))
+        self._review_errors[what] = (detail, failed + 1)
+        if detail == last:
+            log.debug("{what} failed again: {error}", what=what, error=detail)
+            return
+        log.emit(LogLevel.warn, "{what} failed: {error}", what=what, error=detail, event="review-error")
+
+    def _review_answered(self, what: str) -> None:
+        """A review answered: the end of its errors, if it had any, is said once."""
+        error = self._review_errors.pop(what, None)
+        if error is not None:
+            log.emit(LogLevel.warn, "{what} answers again ({failed} calls failed since the first error)",
+                     what=what, failed=error[1], event="review-recovered")
 
     def _counts(self) -> tuple[int, int]:
         return (self.tokens.stale_hits + self.access.stale_hits,

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_kube_reconcile -*-
+# -*- test-case-name: tests.test_kube_reconcile,tests.test_custom_ca -*-
 """
 What the cluster should look like for one Connector: its proxy Service
 C{c-NAME} and its C{status}.  Pure functions over plain values; the writer
@@ -31,6 +31,7 @@ from connectors_proxy.model.objects import (
     ObjectRef,
     Secret,
 )
+from connectors_proxy.tls.capool import secret_ca_bundle
 
 JSON = dict[str, Any]
 
@@ -42,6 +43,9 @@ SERVICE_PREFIX = "c-"
 CLASS_READY = "ConnectorClassReady"
 SECRET_READY = "SecretReady"
 SERVICE_READY = "ProxyServiceReady"
+#: Upstream's condition on the Connector's C{spec.caCertSecretRef}, written
+#: (severity C{Info}, outside C{Ready}) only with C{enable-custom-ca-certs}.
+CA_CERT_READY = "CACertReady"
 READY = "Ready"
 #: Conditions the upstream connectors-controller-manager writes on a
 #: Connector: kept as they are, and counted in C{Ready} when present (unless
@@ -87,6 +91,9 @@ class Condition:
     status: str  # "True" | "False" | "Unknown"
     reason: str
     message: str = ""
+    #: Upstream's C{severity} (C{"Info"}: informs, does not gate C{Ready});
+    #: empty: none written.
+    severity: str = ""
 
 
 @frozen
@@ -102,6 +109,8 @@ class World:
     #: Valid classes whose Rego policies do not compile: what is wrong
     #: (hook and compiler message, never the policy text).
     invalid_policies: Mapping[str, str] = field(factory=dict)
+    #: Upstream's C{enable-custom-ca-certs}: write C{CACertReady}.
+    custom_ca_certs: bool = False
 
 
 @frozen
@@ -293,6 +302,34 @@ def secret_condition(connector: Connector, world: World) -> Condition:
     return Condition(SECRET_READY, "True", "SecretFound", f"Secret {ref} found")
 
 
+def ca_cert_condition(connector: Connector, world: World) -> Condition:
+    """
+    C{CACertReady}, as upstream's controller writes it with
+    C{enable-custom-ca-certs}: C{True/Valid} when the Connector's
+    C{spec.caCertSecretRef} holds certificates (read as the proxy reads them,
+    L{connectors_proxy.tls.capool.secret_ca_bundle}), C{True/NoCACert} when
+    it names none, C{False/SecretNotFound} or C{False/InvalidPEM} otherwise.
+    Severity C{Info}: it never gates C{Ready}.
+    """
+    ref = connector.ca_secret_ref
+    if ref is None:
+        return Condition(CA_CERT_READY, "True", "NoCACert",
+                         "no spec.caCertSecretRef: the system roots and the global CA Secrets are trusted",
+                         severity="Info")
+    if ref in world.invalid_secrets:
+        return Condition(CA_CERT_READY, "False", "InvalidPEM",
+                         f"CA Secret {ref} is invalid: {world.invalid_secrets[ref]}", severity="Info")
+    secret = world.secrets.get(ref)
+    if secret is None:
+        return Condition(CA_CERT_READY, "False", "SecretNotFound", f"CA Secret {ref} not found", severity="Info")
+    try:
+        count = secret_ca_bundle(secret.data).count(b"-----BEGIN CERTIFICATE-----")
+    except ValueError as e:
+        return Condition(CA_CERT_READY, "False", "InvalidPEM", f"CA Secret {ref}: {e}", severity="Info")
+    return Condition(CA_CERT_READY, "True", "Valid",
+                     f"CA Secret {ref} holds {count} certificate{'s' if count != 1 else ''}", severity="Info")
+
+
 # What became of the Service, as L{service_condition} reports it.
 SERVICE_OK = "ok"
 SERVICE_NO_CLASS = "no-class"
@@ -410,8 +447,11 @@ def _condition(cond: Condition, old: Mapping[str, Any] | None, now: str) -> JSON
     since = now
     if old is not None and old.get("status") == cond.status and old.get("lastTransitionTime"):
         since = old["lastTransitionTime"]
-    return {"type": cond.type, "status": cond.status, "reason": cond.reason,
-            "message": cond.message, "lastTransitionTime": since}
+    out = {"type": cond.type, "status": cond.status, "reason": cond.reason,
+           "message": cond.message, "lastTransitionTime": since}
+    if cond.severity:
+        out["severity"] = cond.severity
+    return out
 
 
 def status_matches(live_status: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
@@ -468,7 +508,11 @@ def decide(raw: Mapping[str, Any], connector: Connector | InvalidObject, world: 
 
     conds = [class_condition(connector, world), secret_condition(connector, world),
              service_condition(connector, world, state)]
-    conds.append(ready_condition(conds + foreign_conditions(live_status)))
+    ready = ready_condition(conds + foreign_conditions(live_status))
+    if world.custom_ca_certs:
+        # Info: after Ready is decided, which it never gates.
+        conds.append(ca_cert_condition(connector, world))
+    conds.append(ready)
     url = proxy_url(connector, world.cluster_domain, cls) if state == SERVICE_OK else None
     status = desired_status(live_status, generation, conds, url, now)
     return Decision(action, None if status_matches(live_status, status) else status)

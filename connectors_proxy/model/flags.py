@@ -1,12 +1,14 @@
-# -*- test-case-name: tests.test_upstream_compat -*-
+# -*- test-case-name: tests.test_upstream_compat,tests.test_custom_ca -*-
 """
 Upstream's feature flags: the ConfigMap C{connectors-config} in the install
 namespace (set there by C{ConnectorsConfig.spec.components.core.spec.featureFlags}),
 string booleans that all default to C{"false"}.
 
-Only C{enable-connector-proxy-permissions} changes what this proxy does
-(an extra SubjectAccessReview on C{connectors/proxy}); the others are read,
-kept and documented (docs/kubernetes.md, "Feature flags").
+Two change what this proxy does: C{enable-connector-proxy-permissions}
+(an extra SubjectAccessReview on C{connectors/proxy}) and
+C{enable-custom-ca-certs} (the tool CA pool, L{connectors_proxy.tls.capool},
+and the C{CACertReady} condition); the others are read, kept and documented
+(docs/upstream-compat.md, "Permissions and feature flags").
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class FeatureFlags:
     @property
     def proxy_permissions(self) -> bool:
         return PROXY_PERMISSIONS in self.enabled
+
+    @property
+    def custom_ca_certs(self) -> bool:
+        return CUSTOM_CA_CERTS in self.enabled
 
 
 #: No ConfigMap: every flag at its default.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_manifests,tests.test_k8s_manifests -*-
+# -*- test-case-name: tests.test_manifests,tests.test_k8s_manifests,tests.test_custom_ca -*-
 """
 The Kubernetes objects the proxy reads, as frozen values, and the pure
 functions that turn a decoded manifest (a ``dict``) into them.
@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from attrs import field, frozen
 
 from connectors_proxy.model import protocols
+from connectors_proxy.model.flags import CONFIG_MAP, FeatureFlags, parse_flags
 from connectors_proxy.model.protocols import PROTOCOL_ANNOTATION
 
 GROUP = "connectors.alauda.io"
@@ -34,7 +35,10 @@ SECRET_TLS = "kubernetes.io/tls"
 RESOLVER_ANNOTATION = "connectors.cpaas.io/proxy-resolver"
 RESOLVER_HOST = "host"
 RESOLVER_PATH = "path"
-NAMESPACED_KINDS = ("Connector", "Secret")
+#: Upstream's label for a Secret of the install namespace whose certificates
+#: join every Connector's tool CA pool (with C{enable-custom-ca-certs}).
+CA_CERT_LABEL = "connectors.cpaas.io/ca-cert"
+NAMESPACED_KINDS = ("Connector", "Secret", "ConfigMap")
 
 
 class InvalidObject(ValueError):
@@ -171,13 +175,30 @@ class Secret:
     name: str
     type: str
     data: Mapping[str, bytes] = field(repr=False)
+    #: Labelled C{connectors.cpaas.io/ca-cert: "true"} (L{CA_CERT_LABEL}).
+    ca_cert: bool = False
 
     @property
     def ref(self) -> ObjectRef:
         return ObjectRef(self.namespace, self.name)
 
 
-KubeObject = Union[ConnectorClass, Connector, Secret]
+@frozen
+class ConfigMap:
+    """
+    The one ConfigMap the proxy reads: upstream's feature flags,
+    C{connectors-config}, as standalone mode finds it among the manifests
+    (cluster mode watches it instead, L{connectors_proxy.kube.flags}).  No
+    C{ref}: there is one per manifest set, whatever its namespace, which is
+    the install namespace.
+    """
+
+    namespace: str
+    name: str
+    flags: FeatureFlags
+
+
+KubeObject = Union[ConnectorClass, Connector, Secret, ConfigMap]
 
 
 def describe(doc: Mapping[str, Any]) -> str:
@@ -359,13 +380,29 @@ def parse_secret(doc: Mapping[str, Any]) -> Secret:
         if not isinstance(value, str):
             raise InvalidObject(what, f"stringData.{key}", "must be a string")
         data[key] = value.encode("utf-8")
-    return Secret(ns, name, _get(doc, "type", what, str) or "Opaque", data)
+    labels = (doc.get("metadata") or {}).get("labels")
+    # Label values are compared as label selectors do: exactly.
+    ca_cert = isinstance(labels, Mapping) and labels.get(CA_CERT_LABEL) == "true"
+    return Secret(ns, name, _get(doc, "type", what, str) or "Opaque", data, ca_cert=ca_cert)
 
 
-_PARSERS: dict[tuple[str, str], Callable[[Mapping[str, Any]], KubeObject]] = {
+def parse_config_map(doc: Mapping[str, Any]) -> ConfigMap | None:
+    """
+    C{connectors-config} (L{ConfigMap}); any other ConfigMap is none of the
+    proxy's business (C{None}).
+    """
+    meta = doc.get("metadata")
+    if not isinstance(meta, Mapping) or meta.get("name") != CONFIG_MAP:
+        return None
+    name, ns, _, _ = _meta(doc, describe(doc), namespaced=True)
+    return ConfigMap(ns, name, parse_flags(doc))
+
+
+_PARSERS: dict[tuple[str, str], Callable[[Mapping[str, Any]], KubeObject | None]] = {
     ("ConnectorClass", API_VERSION): parse_connector_class,
     ("Connector", API_VERSION): parse_connector,
     ("Secret", "v1"): parse_secret,
+    ("ConfigMap", "v1"): parse_config_map,
 }
 
 

@@ -61,9 +61,9 @@ def _split(connector: Any) -> tuple[str, str]:
 class ProxyMetrics:
     """
     The daemon's metrics.  L{observe} is a C{ConnectorsResource} observer;
-    the C{track_*} methods register state read at scrape time; the other
-    public methods are the counters collaborators call (token cache, review
-    cache, reloads).
+    the C{track_*} methods register state read at scrape time (the identity
+    review caches' lookups among it); the other public methods are the
+    counters collaborators call (token cache, reloads).
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
@@ -154,12 +154,6 @@ class ProxyMetrics:
         namespace, name = _split(connector)
         self._token_hits.labels(namespace, name).inc()
 
-    def review_cache(self, review: str, hit: bool) -> None:
-        """An identity review cache lookup; C{review} is C{"token"} or C{"access"}."""
-        if review not in REVIEWS:
-            raise ValueError(f"review must be one of {REVIEWS}, not {review!r}")
-        self.state.reviews[review, "hit" if hit else "miss"] += 1
-
     def reload(self, source: str, ok: bool, when: float | None = None) -> None:
         """
         A source (C{manifests}, C{tokens}, C{watch}, C{certificates})
@@ -225,7 +219,6 @@ class StateCollector:
         self.limiters: list[Any] = []
         self.drainers: list[Any] = []
         self.sources: dict[str, Callable[[], float]] = {}
-        self.reviews: dict[tuple[str, str], int] = {(r, result): 0 for r in REVIEWS for result in ("hit", "miss")}
         self.review_caches: list[tuple[str, Any]] = []
 
     def describe(self) -> Iterable[Metric]:
@@ -260,11 +253,12 @@ class StateCollector:
                                   timed_out, draining, reviews]
         if empty:
             return families
-        # Every label set is present (at 0) from the start, so rates work at once.
-        for (review, result), count in self.reviews.items():
-            attribute = "hits" if result == "hit" else "misses"
-            total = count + sum(getattr(cache, attribute, 0) for r, cache in self.review_caches if r == review)
-            reviews.add_metric([review, result], total)
+        # Every label set is present (at 0) from the start, so rates work at
+        # once: the counts are the caches' own (kube.identity.ReviewCache).
+        for review in REVIEWS:
+            for result, attribute in (("hit", "hits"), ("miss", "misses")):
+                total = sum(getattr(cache, attribute, 0) for r, cache in self.review_caches if r == review)
+                reviews.add_metric([review, result], total)
         if self.sites:
             channels = [c for site in self.sites for c in site.channels]
             connections.add_metric([], len(channels))

@@ -6,9 +6,10 @@ proxy reads, so it was skipped, and clients got 404; a misspelled field
 (C{adress}, C{secretref}) was ignored, or reported as a missing one with
 no hint of the typo.
 
-L{lint_text} finds them, as plain values naming the file, the line and
-the document number.  Standalone mode reports them at startup: warnings by
-default, a refusal to start with C{--strict}.
+L{lint_documents} finds them, as plain values naming the file, the line
+and the document number, in the documents the loader decoded (each file
+is read and decoded once at startup, for both).  Standalone mode reports
+them at startup: warnings by default, a refusal to start with C{--strict}.
 
 Only what looks like a mistake is reported.  Kinds of other APIs (a
 Namespace, a Deployment in the same file) are what a manifest folder holds
@@ -20,16 +21,13 @@ the upstream CRDs have many fields the proxy has no use for.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import yaml
 from attrs import frozen
 
 from connectors_proxy.model.objects import API_VERSION, GROUP
-from connectors_proxy.sources.manifests import ManifestError, manifest_files
-
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+from connectors_proxy.sources.manifests import Document, ManifestError, decode_documents, list_items
 
 KINDS = ("ConnectorClass", "Connector", "Secret")
 
@@ -183,62 +181,35 @@ def _unknown_fields(doc: Mapping[str, Any], schema: Mapping[str, frozenset[str]]
                 yield shown, key, known
 
 
+def lint_documents(documents: Iterable[Document]) -> list[Problem]:
+    """
+    The mistakes in decoded documents: those the loader decoded at startup
+    (L{Parser.keeping<connectors_proxy.sources.manifests.Parser.keeping>}),
+    so the files are not read and decoded a second time to be linted.
+    """
+    problems: list[Problem] = []
+    for document in documents:
+        items = list_items(document.content)
+        if items is not None:
+            for i, item in enumerate(items):
+                problems.extend(Problem(document.source, document.line, f"{document.number} (items[{i}])",
+                                        message, mistake)
+                                for message, mistake in lint_document(item))
+        else:
+            problems.extend(Problem(document.source, document.line, str(document.number), message, mistake)
+                            for message, mistake in lint_document(document.content))
+    return problems
+
+
 def lint_text(text: str, source: str) -> list[Problem]:
     """
-    The mistakes in one file's YAML documents.  A file that does not parse
-    gives none: loading it reports that, with the line.
+    The mistakes in one file's YAML documents.  Where the file stops
+    parsing, so does the lint: loading it reports that, with the line.
     """
-    problems: list[Problem] = []
-    loader = _LOADER(text)
+    documents: list[Document] = []
     try:
-        number = 0
-        while loader.check_node():
-            node = loader.get_node()
-            number += 1
-            if node is None:
-                continue
-            doc = loader.construct_document(node)
-            line = node.start_mark.line + 1
-            if isinstance(doc, Mapping) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-                for i, item in enumerate(doc["items"]):
-                    problems.extend(Problem(source, line, f"{number} (items[{i}])", message, mistake)
-                                    for message, mistake in lint_document(item))
-            else:
-                problems.extend(Problem(source, line, str(number), message, mistake)
-                                for message, mistake in lint_document(doc))
-    except yaml.YAMLError:
-        pass
-    finally:
-        loader.dispose()
-    return problems
-
-
-def lint_files(files: Sequence[tuple[str, bytes]]) -> list[Problem]:
-    """The mistakes in C{(path, content)} files (content that is not UTF-8 is left to the loader)."""
-    problems: list[Problem] = []
-    for path, data in files:
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        problems.extend(lint_text(text, path))
-    return problems
-
-
-def lint_paths(paths: Sequence[str]) -> list[Problem]:
-    """
-    The mistakes in the manifests under C{paths} (C{--manifests}).  Files
-    that cannot be listed or read give none: loading them reports that.
-    """
-    try:
-        files = manifest_files(paths)
+        for number, (line, content) in enumerate(decode_documents(text, source), 1):
+            documents.append(Document(source, line, number, content))
     except ManifestError:
-        return []
-    contents = []
-    for path in files:
-        try:
-            with open(path, "rb") as f:
-                contents.append((path, f.read()))
-        except OSError:
-            continue
-    return lint_files(contents)
+        pass
+    return lint_documents(documents)

@@ -31,7 +31,8 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import yaml
@@ -86,26 +87,72 @@ def manifest_files(paths: Sequence[str]) -> list[str]:
     return files
 
 
-def parse_documents(text: str, source: str, first_line: int = 1) -> list[KubeObject]:
+@frozen
+class Document:
     """
-    Parse one file's YAML documents (a C{List} kind's C{items} too).
+    One YAML document of a manifest file, as decoded.
 
-    @param first_line: the line of the file C{text} starts at, for errors
-        (when C{text} is one document cut from a longer file).
+    @ivar line: the line of the file its content starts at (1-based).
+    @ivar number: its place among the file's documents (1-based).
     """
+
+    source: str
+    line: int
+    number: int
+    content: Any = field(repr=False, eq=False)
+
+
+def decode_documents(text: str, source: str, first_line: int = 1) -> Iterator[tuple[int, Any]]:
+    """
+    The YAML documents of C{text}, decoded one by one, each with the line
+    of the file its content starts at; L{ManifestError} where the YAML is
+    invalid (after the documents before it).  The one YAML reader of
+    manifests: the loader, its lint and C{clientconfig} all read with it.
+
+    @param first_line: the line of the file C{text} starts at (when
+        C{text} is one document cut from a longer file).
+    """
+    loader = _LOADER(text)
     try:
-        documents = list(yaml.load_all(text, Loader=_LOADER))
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:  # the stream's end, which check_node() said it was not
+                break
+            yield node.start_mark.line + first_line, loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + first_line}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ManifestError(f"{source}:{where}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def list_items(content: Any) -> list[Any] | None:
+    """
+    The items of a C{kind: List} document (what C{kubectl get -o yaml}
+    writes: C{apiVersion: v1}, C{kind: List}, C{items: [...]}), each an
+    object of its own; C{None} for any other document.
+    """
+    if isinstance(content, Mapping) and content.get("kind") == "List":
+        items = content.get("items")
+        if isinstance(items, list):
+            return items
+    return None
+
+
+def objects_in(content: Any) -> list[Any]:
+    """The objects a decoded document holds: a C{List}'s items, none for an empty document, else itself."""
+    items = list_items(content)
+    if items is not None:
+        return items
+    return [] if content is None else [content]
+
+
+def _parse_objects(contents: Iterable[Any], source: str) -> list[KubeObject]:
     objects: list[KubeObject] = []
-    for doc in documents:
-        if doc is None:
-            continue
-        items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
-        for item in items or []:
+    for content in contents:
+        for item in objects_in(content):
             try:
                 obj = parse_object(item)
             except InvalidObject as e:
@@ -113,6 +160,19 @@ def parse_documents(text: str, source: str, first_line: int = 1) -> list[KubeObj
             if obj is not None:
                 objects.append(obj)
     return objects
+
+
+def parse_documents(text: str, source: str, first_line: int = 1) -> list[KubeObject]:
+    """
+    Parse one file's YAML documents (a C{List} kind's C{items} too).
+
+    @param first_line: the line of the file C{text} starts at, for errors
+        (when C{text} is one document cut from a longer file).
+    """
+    # Every document decoded before any is parsed: invalid YAML is what a
+    # file with both problems is refused for.
+    contents = [content for _, content in decode_documents(text, source, first_line)]
+    return _parse_objects(contents, source)
 
 
 def _key(obj: KubeObject) -> tuple[str, str | ObjectRef]:
@@ -209,6 +269,19 @@ def scan(paths: Sequence[str], tokens_path: str | None = None) -> Scan:
     return Scan.of(manifests, tokens)
 
 
+@frozen
+class _Piece:
+    """
+    What the text of one document (L{split_documents}) parsed to.
+
+    @ivar contents: its decoded documents, as C{(lines after the piece's
+        first, content)}: only while a L{Parser} keeps them (L{Parser.keeping}).
+    """
+
+    objects: list[KubeObject]
+    contents: tuple[tuple[int, Any], ...] | None = field(default=None, repr=False)
+
+
 @define
 class Parser:
     """
@@ -217,9 +290,27 @@ class Parser:
     one parse at a time (L{ManifestSource} runs them in one thread).
     """
 
-    _documents: dict[str, list[KubeObject]] = field(factory=dict)
+    _documents: dict[str, _Piece] = field(factory=dict)
     parsed: int = 0
     reused: int = 0
+    _kept: list[Document] | None = None
+
+    @contextmanager
+    def keeping(self) -> Iterator[list[Document]]:
+        """
+        Keep the documents a parse made in the block reads in the list
+        given (those of the last one, as far as it got when it failed), for
+        the startup's lint (L{connectors_proxy.sources.lint.lint_documents}):
+        each document is decoded once, for both.
+        """
+        kept: list[Document] = []
+        self._kept = kept
+        try:
+            yield kept
+        finally:
+            self._kept = None
+            # The decoded contents are not kept past the block: memory follows the objects.
+            self._documents = {text: _Piece(piece.objects) for text, piece in self._documents.items()}
 
     def parse(self, manifests: Sequence[tuple[str, bytes]],
               yield_gil: bool = False) -> tuple[Snapshot, list[str]]:
@@ -229,7 +320,10 @@ class Parser:
         @param yield_gil: give other threads the GIL after each document
             parsed (in a background thread, so the reactor is not kept waiting).
         """
-        documents: dict[str, list[KubeObject]] = {}
+        kept = self._kept
+        if kept is not None:
+            kept.clear()
+        documents: dict[str, _Piece] = {}
         seen: dict[tuple[str, str | ObjectRef], str] = {}
         objects: list[KubeObject] = []
         for path, data in manifests:
@@ -237,12 +331,13 @@ class Parser:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
                 raise ManifestError(f"{path}: not UTF-8 text") from None
+            number = 0  # documents of this file so far
             for first_line, piece in split_documents(text):
                 found = documents.get(piece)
                 if found is None:
                     found = self._documents.get(piece)
-                    if found is None:
-                        found = parse_documents(piece, path, first_line)
+                    if found is None or (kept is not None and found.contents is None):
+                        found = self._parse_piece(piece, path, first_line, number)
                         self.parsed += 1
                         if yield_gil:
                             # Let the reactor thread have the GIL now rather
@@ -251,8 +346,12 @@ class Parser:
                             time.sleep(0)
                     else:
                         self.reused += 1
+                        self._keep(found.contents, path, first_line, number)
                     documents[piece] = found
-                for obj in found:
+                else:
+                    self._keep(found.contents, path, first_line, number)
+                number += len(found.contents or ())
+                for obj in found.objects:
                     key = _key(obj)
                     if key in seen:
                         raise ManifestError(f"{path}: {key[0]} {key[1]} is also defined in {seen[key]}")
@@ -262,6 +361,22 @@ class Parser:
         self._documents = documents
         snapshot = Snapshot.of(objects)
         return snapshot, list(warnings(snapshot))
+
+    def _parse_piece(self, piece: str, path: str, first_line: int, number: int) -> _Piece:
+        """Decode and parse one document's text (C{number} documents of the file before it)."""
+        if self._kept is None:
+            return _Piece(parse_documents(piece, path, first_line))
+        contents = tuple((line - first_line, content) for line, content in decode_documents(piece, path, first_line))
+        # Kept before the objects are parsed: a misspelling the lint finds
+        # is often why an object is invalid.
+        self._keep(contents, path, first_line, number)
+        return _Piece(_parse_objects((content for _, content in contents), path), contents)
+
+    def _keep(self, contents: tuple[tuple[int, Any], ...] | None, path: str, first_line: int, number: int) -> None:
+        """Keep the documents of a piece (C{number} documents of the file before it), when keeping."""
+        if self._kept is not None and contents is not None:
+            self._kept.extend(Document(path, first_line + offset, number + i, content)
+                              for i, (offset, content) in enumerate(contents, 1))
 
 
 def _read(path: str) -> bytes:
