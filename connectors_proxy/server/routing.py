@@ -129,6 +129,9 @@ _OVERLONG = re.compile(rb"[\xc0\xc1][\x80-\xbf]|\xe0[\x80-\x9f]|\xf0[\x80-\x8f]"
 # C{..%20} as C{..}.
 _PADDED_DOTS = re.compile(r"[\s\x00-\x20\x7f]*\.\.?[\s\x00-\x20\x7f]*")
 _SEPARATORS = re.compile(r"[/\\]")
+# A path with none of what check_rest decodes or folds: no "%", backslash,
+# ";", whitespace, control or non-ASCII byte.
+_PLAIN_PATH = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,=:@/]*")
 
 
 def _decode_segment(segment: bytes) -> tuple[bytes, bool]:
@@ -188,6 +191,12 @@ def check_rest(rest: bytes) -> None:
     @raise BadTarget: naming what is wrong with the path.
     """
     path = rest.split(b"?", 1)[0]
+    if _PLAIN_PATH.fullmatch(path) is not None:
+        # Most paths: nothing escaped, padded or non-ASCII, so a dot
+        # segment can only be written plainly (checked without decoding).
+        if b"." in path and any(segment in (b".", b"..") for segment in path.split(b"/")):
+            raise BadTarget("path contains a '.' or '..' segment (also when percent-encoded)")
+        return
     for segment in path.split(b"/"):
         decoded, escaped_u = _decode_segment(segment)
         if b"\x00" in decoded:

@@ -37,6 +37,10 @@ _STATUS = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: ([^\r\n]*))?")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _DIGITS = re.compile(rb"[0-9]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# The fields of a head, every one well formed: a token, a colon, a value of
+# visible characters, spaces, tabs and obs-text; lines end in CRLF or LF.
+_FIELDS = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?\n)*"
+                     rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t\x20-\x7e\x80-\xff]*\r?")
 # Field values: visible characters, spaces and tabs, and obs-text.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -107,6 +111,16 @@ def parse_head(block: bytes) -> Head:
         raise MalformedResponse(f"HTTP/{major}.{minor} is not HTTP/1.x")
     if len(lines) - 1 > MAX_FIELDS:
         raise MalformedResponse(f"more than {MAX_FIELDS} header fields")
+    newline = block.find(b"\n")
+    if newline < 0:
+        return Head((major, minor), int(match.group(3)), match.group(4) or b"", [])
+    if _FIELDS.fullmatch(block, newline + 1) is not None:
+        # Every field well formed (checked in one pass): just split them.
+        fields = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            fields.append((name.lower(), value.strip(b" \t\r")))
+        return Head((major, minor), int(match.group(3)), match.group(4) or b"", fields)
     fields = []
     for line in lines[1:]:
         if line.endswith(b"\r"):
