@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from connectors_proxy.server.channel import STREAM_BUFFER
+from connectors_proxy.server.channel import STREAM_BUFFER, ProxyRequest
 
 from .support.memory import (
     READ_SIZE,
@@ -75,6 +75,7 @@ class Upstream(Scripted):
         self.producers: list[BodyProducer] = []
         self.pending: list[Request] = []
         self.lost: list[Failure] = []
+        self.chunks = [b"%d:" % i + os.urandom(i * 7) for i in range(1, 40)]
 
     def answer_for(self, request: Request) -> Any:
         path = request.path.removeprefix(b"/base")
@@ -110,6 +111,13 @@ class Upstream(Scripted):
             assert request.content is not None
             body = request.content.read()
             return b"got %d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+        if path in (b"/chunks", b"/text-chunks"):
+            # Many small chunks, written at once: they reach the proxy in one read.
+            request.setHeader(b"Content-Type", b"text/plain" if path == b"/text-chunks" else b"application/octet-stream")
+            for piece in self.chunks:
+                request.write(piece)
+            request.finish()
+            return NOT_DONE_YET
         if path in (b"/hang", b"/partial", b"/partial-chunked"):
             self.pending.append(request)
             request.notifyFinish().addErrback(self.lost.append)
@@ -274,6 +282,64 @@ class StreamingTests(RelayTestCase):
         self.assertEqual(self.upstream.body(), data)
         [access] = self.proxy.logs.access()
         self.assertEqual((access["status"], access["bytes_in"]), (200, len(data)))
+
+
+class ChunkedTests(RelayTestCase):
+    def written(self) -> list[tuple[str, int]]:
+        calls: list[tuple[str, int]] = []
+        write, write_chunks = ProxyRequest.write, ProxyRequest.write_chunks
+
+        def spy_write(request: ProxyRequest, data: bytes) -> None:
+            if data:
+                calls.append(("write", len(data)))
+            write(request, data)
+
+        def spy_chunks(request: ProxyRequest, data: bytes, payload: int) -> None:
+            calls.append(("chunks", payload))
+            write_chunks(request, data, payload)
+
+        self.patch(ProxyRequest, "write", spy_write)
+        self.patch(ProxyRequest, "write_chunks", spy_chunks)
+        return calls
+
+    def test_binary_chunks_handed_on_in_their_framing(self) -> None:
+        """
+        Issue 15: a chunked body the client also gets chunked is not
+        decoded and encoded again: the chunks of one upstream read go out
+        in one write, as they came.
+        """
+        calls = self.written()
+        client = self.proxy.connect()
+        client.send(request_bytes(b"GET", PATH + b"/chunks", [bearer(self.token)]))
+        response = client.response()
+        payload = b"".join(self.resource.chunks)
+        self.assertEqual((response.code, response.body, response.complete), (200, payload, True))
+        self.assertEqual(response.header(b"transfer-encoding"), [b"chunked"])
+        raw = bytes(client.received)
+        framed = raw[raw.index(b"\r\n\r\n") + 4:]
+        self.assertEqual(framed, b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in self.resource.chunks) + b"0\r\n\r\n")
+        self.assertEqual([kind for kind, _ in calls], ["chunks"] * len(calls))
+        self.assertLess(len(calls), len(self.resource.chunks))
+        self.assertEqual(sum(size for _, size in calls), len(payload))
+        [access] = self.proxy.logs.access()
+        self.assertEqual(access["bytes_out"], len(payload))
+
+    def test_text_chunks_decoded_to_be_masked(self) -> None:
+        """Text is decoded (reflected credentials are masked in it) and sent as the relay writes it."""
+        calls = self.written()
+        response = self.get(PATH + b"/text-chunks")
+        self.assertEqual((response.code, response.body), (200, b"".join(self.resource.chunks)))
+        self.assertNotIn("chunks", [kind for kind, _ in calls])
+
+    def test_http_10_client_gets_the_body_decoded(self) -> None:
+        calls = self.written()
+        client = self.proxy.connect()
+        client.send(request_bytes(b"GET", PATH + b"/chunks", [bearer(self.token)]).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        self.proxy.network.flush()
+        raw = bytes(client.received)
+        self.assertTrue(raw.startswith(b"HTTP/1.0 200"), raw[:40])
+        self.assertEqual(raw[raw.index(b"\r\n\r\n") + 4:], b"".join(self.resource.chunks))
+        self.assertNotIn("chunks", [kind for kind, _ in calls])
 
 
 class GoingAwayTests(RelayTestCase):
