@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.web import client, http
+from twisted.web.http_headers import Headers
 
 # -- the Kubernetes API client (kube/client.py) ---------------------------------
 
@@ -130,6 +131,21 @@ class HTTPChannelCompat(http.HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         # Where every bad-request path of HTTPChannel ends.
         self.bad_request()
+
+
+# -- header values (server/headers.py, upstream/client.py) --------------------
+
+
+def raw_headers(headers: Headers) -> dict[bytes, list[bytes]]:
+    """
+    The dict C{headers} keeps its values in, keyed by canonical name (as
+    C{getAllRawHeaders} gives them), to read and fill in place: copying
+    headers that are already valid (another L{Headers}' values, fields the
+    upstream parser has checked) without re-encoding every name and
+    re-sanitizing every value.  Keys written must be canonical names
+    (L{connectors_proxy.server.headers.canonical_name}).
+    """
+    return headers._rawHeaders
 
 
 def request_gone(request: http.Request) -> bool:

@@ -37,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from connectors_proxy import compat
+from connectors_proxy.server.headers import canonical_name
 
 PACKAGE = os.path.dirname(os.path.abspath(compat.__file__))
 
@@ -292,6 +293,20 @@ class Server(PinnedTestCase):
             self.channel.connectionLost(Failure(ConnectionDone()))
             self.assertTrue(compat.request_gone(request))
             self.assertFalse(request.finished)
+
+
+# -- header values ------------------------------------------------------------------
+
+
+class HeaderValues(PinnedTestCase):
+    def test_raw_headers(self) -> None:
+        headers = Headers({b"content-type": [b"text/plain"]})
+        with self.pinned("Headers._rawHeaders (values by canonical name)"):
+            raw = compat.raw_headers(headers)
+            self.assertEqual(raw, {b"Content-Type": [b"text/plain"]})
+            raw[canonical_name(b"www-authenticate")] = [b"Basic", b"Bearer"]
+            self.assertEqual(headers.getRawHeaders(b"WWW-authenticate"), [b"Basic", b"Bearer"])
+            self.assertEqual(list(headers.getAllRawHeaders())[-1], (b"WWW-Authenticate", [b"Basic", b"Bearer"]))
 
 
 # -- the listener TLS context ---------------------------------------------------------

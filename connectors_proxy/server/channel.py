@@ -755,6 +755,19 @@ class ProxyChannel(compat.HTTPChannelCompat):
         self._reading_paused = False
         super().requestDone(request)
 
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        """
+        The response head, in one write (L{http.HTTPChannel}'s hands the
+        transport a sequence of some forty pieces, each checked and kept
+        apart until the transport joins them).
+        """
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self.transport.write(b"".join(parts))
+
     def connectionMade(self) -> None:
         super().connectionMade()
         # Let a response stream keep up to STREAM_BUFFER queued for this

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
 
+from connectors_proxy import compat
 from connectors_proxy.upstream.reflection import NO_SECRETS, Secrets, drop_reflected
 
 # RFC 9110 section 7.6.1 connection-specific fields, plus the proxy's own
@@ -44,10 +45,33 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
 def _copy(headers: Headers, drop: Iterable[bytes]) -> Headers:
     dropped = set(drop) | HOP_BY_HOP | _connection_tokens(headers)
     out = Headers()
-    for name, values in headers.getAllRawHeaders():
+    # Values of a Headers are valid already: copied as they are, not set
+    # again one by one (which encodes each name and sanitizes each value).
+    kept = compat.raw_headers(out)
+    for name, values in compat.raw_headers(headers).items():
         if name.lower() not in dropped:
-            out.setRawHeaders(name, list(values))
+            kept[name] = list(values)
     return out
+
+
+_CANONICAL: dict[bytes, bytes] = {}
+_MAX_CANONICAL = 4096
+
+
+def canonical_name(name: bytes) -> bytes:
+    """
+    The name under which L{Headers} keeps the header C{name} (in any
+    case), as it would write it: C{b"Content-Type"}, C{b"WWW-Authenticate"}.
+    Cached: a response's header names are few and recur.
+    """
+    canonical = _CANONICAL.get(name)
+    if canonical is None:
+        probe = Headers()
+        probe.addRawHeader(name, b"")
+        canonical = next(iter(probe.getAllRawHeaders()))[0]
+        if len(_CANONICAL) < _MAX_CANONICAL:
+            _CANONICAL[name] = canonical
+    return canonical
 
 
 def upstream_request_headers(client: Headers, client_address: str, client_host: bytes | None,

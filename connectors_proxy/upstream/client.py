@@ -59,6 +59,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from connectors_proxy import compat
+from connectors_proxy.server.headers import canonical_name
 from connectors_proxy.upstream.framing import (
     CONNECTION_FIELDS,
     MAX_HEAD,
@@ -153,6 +155,9 @@ def _response_headers(method: bytes, head: Head) -> Headers:
     7.6.1).  Content-Length stays in answers to HEAD and in 304s.
     """
     headers = Headers()
+    # The parser has checked every value (no CR, LF or other control
+    # character): they go in as they are.
+    raw = compat.raw_headers(headers)
     keep_length = method == b"HEAD" or head.code == 304
     nominated: set[bytes] = set()
     for name, value in head.fields:
@@ -161,7 +166,12 @@ def _response_headers(method: bytes, head: Head) -> Headers:
                 nominated.update(t.strip().lower() for t in value.split(b",") if t.strip())
             if not (keep_length and name == b"content-length"):
                 continue
-        headers.addRawHeader(name, value)
+        key = canonical_name(name)
+        values = raw.get(key)
+        if values is None:
+            raw[key] = [value]
+        else:
+            values.append(value)
     for name in nominated:
         headers.removeHeader(name)
     return headers
