@@ -46,9 +46,16 @@ from connectors_proxy.protocols import ProtocolResource
 from connectors_proxy.protocols.forward import FORWARD, ForwardResource
 from connectors_proxy.server import accesslog, errors, limits
 from connectors_proxy.server.channel import ProxyRequest
-from connectors_proxy.server.connect import ESTABLISHED, ConnectContext, authority, inner_target, parse_authority
+from connectors_proxy.server.connect import (
+    ESTABLISHED,
+    ConnectContext,
+    TunnelStats,
+    authority,
+    inner_target,
+    parse_authority,
+)
 from connectors_proxy.server.headers import same_origin
-from connectors_proxy.server.routing import BadTarget, Route, route
+from connectors_proxy.server.routing import BadTarget, Route, host_connector, route
 from connectors_proxy.tls.intercept import InterceptTLS
 from connectors_proxy.tls.serve import client_identity
 from connectors_proxy.upstream import hooks
@@ -56,7 +63,7 @@ from connectors_proxy.upstream.agents import ConnectorAgents
 from connectors_proxy.upstream.forward import ForwardAgents, ForwardRefused
 from connectors_proxy.upstream.relay import send_error
 from connectors_proxy.upstream.target import Target, client_base
-from connectors_proxy.upstream.tunnel import TunnelStats, open_tunnel
+from connectors_proxy.upstream.tunnel import open_tunnel
 
 log = Logger()
 
@@ -107,7 +114,7 @@ ForwardDecision = Union[Listed, Unlisted, Refused]
 
 
 def forward_decision(origin: str, path: bytes | None, listed: tuple[ObjectRef, ...], snapshot: Snapshot,
-                     unlisted: str = "allow") -> ForwardDecision:
+                     unlisted: str = "allow", cluster_domain: str | None = None) -> ForwardDecision:
     """
     Where a forward-proxy request for C{origin} (C{scheme://host[:port]})
     and C{path} goes: under which listed Connector, or nowhere listed.
@@ -119,9 +126,27 @@ def forward_decision(origin: str, path: bytes | None, listed: tuple[ObjectRef, .
     first.  With C{path} C{None} (a C{CONNECT}, decided before its
     requests are read), any listed address on C{origin} matches.
 
+    With C{cluster_domain} (a C{CONNECT}), an origin whose host is a
+    Connector's proxy Service name (C{c-NAME.NS.svc.CLUSTER-DOMAIN} or
+    C{c-NAME.NS.svc}, any port) is that Connector's, listed or not, as the
+    same host is in a reverse-proxy request: the client named it (a tool
+    given the Connector's C{https://} proxy address that also has
+    C{https_proxy} set), and the identity checks decide the rest.  Its
+    requests are then routed by that host, so the prefix is empty.  The
+    short C{c-NAME.NS} form is not taken here: as a C{CONNECT} target it
+    is as likely a public name (C{c-span.org}) that must stay a tunnel.
+
     @param unlisted: C{--forward-unlisted}: C{allow} gives L{Unlisted},
         C{deny} gives L{Refused}.
     """
+    if cluster_domain is not None:
+        host = urlsplit(origin).hostname or ""
+        service = host.endswith(".svc") or host.endswith(f".svc.{cluster_domain.lower()}")
+        named = host_connector(host.encode("latin-1"), cluster_domain) if service else None
+        if named is not None:
+            ref = ObjectRef(*named)
+            connector_named = snapshot.connectors.get(ref)
+            return Listed(ref, connector_named.address if connector_named is not None else "", b"")
     best: Listed | None = None
     for ref in listed:
         connector = snapshot.connectors.get(ref)
@@ -385,7 +410,7 @@ class ConnectorsResource(Resource):
             context["identity"] = identity.username
             decision = forward_decision(f"https://{authority(host, port)}", None,
                                         presented.listed if presented else (), self.store.snapshot,
-                                        self.forward_unlisted)
+                                        self.forward_unlisted, self.cluster_domain)
             if isinstance(decision, Refused):
                 raise errors.forbidden(decision.message)
             if isinstance(decision, Unlisted):
@@ -396,6 +421,9 @@ class ConnectorsResource(Resource):
             ref = decision.ref
             context["namespace"], context["connector"] = ref.namespace, ref.name
             await self._authorize(identity, ref)
+            if ref not in self.store.snapshot.connectors:
+                # Named by its proxy Service host (c-NAME.NS.svc), and not there.
+                raise errors.not_found(f"Connector {ref} not found")
             if self.intercept is None:
                 raise errors.unavailable(
                     f"{authority(host, port)} is the address of Connector {ref}, and this proxy has no CA to "
@@ -415,12 +443,14 @@ class ConnectorsResource(Resource):
         channel = request.channel
         inner = channel.site.buildProtocol(channel.transport.getPeer())
         inner.connect_context = connect
+        # The tunnel's own bytes (TLS records each way), for the CONNECT's access line.
+        stats = TunnelStats()
         try:
-            protocol = self.intercept.protocol(connect.host, inner)
+            protocol = self.intercept.protocol(connect.host, inner, stats)
         except ValueError as e:
             # A name the CA cannot put in a certificate.
             raise errors.bad_request(f"cannot intercept CONNECT to {connect.host}: {e}") from None
-        context["tunnel"] = TunnelStats()
+        context["tunnel"] = stats
         _established(request)
         channel.take_over(protocol, counted=False)
 

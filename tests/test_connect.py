@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -55,6 +56,7 @@ from connectors_proxy.tls.intercept import InterceptTLS
 from connectors_proxy.tls.mint import CertificateAuthority
 from connectors_proxy.upstream.forward import ForwardAgents, ForwardGuard
 from tests.support.gitserver import fresh_home, git_env, has_secret, start_git_server
+from tests.support.hosts import with_private_hosts
 from tests.support.nginx import start_nginx_server
 from tests.support.procs import Server, check, free_port, require, run, start_server
 from tests.support.proxy import (
@@ -1068,15 +1070,12 @@ class OCITests(TestCase):
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         ca = write_ca(folder, CertificateAuthority.generate("oci CA", time.time()))
-        hosts = os.path.join(folder, "hosts")
-        with open(hosts, "w") as f:
-            f.write("127.0.0.1 localhost\n127.0.0.1 registry.test\n")
         port, admin = free_port(), free_port()
-        argv = [require("unshare"), "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts,
+        argv = with_private_hosts(self, {"registry.test": "127.0.0.1"}, [
                 sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())",
                 "-n", "--pidfile=", "connectors-proxy", *args, "--listen", f"tcp:{port}:interface=127.0.0.1",
                 "--admin", f"tcp:{admin}:interface=127.0.0.1", "--proxy-ca-cert", ca["ca.crt"],
-                "--proxy-ca-key", ca["ca.key"]]
+                "--proxy-ca-key", ca["ca.key"]])
         server = await start_server(self, argv, port=port, env={"PYTHONPATH": ROOT}, name="connectors-proxy")
         cert_dir = os.path.join(folder, "certs")
         os.makedirs(cert_dir)
@@ -1103,6 +1102,37 @@ class OCITests(TestCase):
             f.write("{}")  # no login at all: the proxy has the registry's credentials
         outputs.append(check(await run(podman.argv("pull", "--tls-verify=false", f"{origin}/test/abc:v1"),
                                        env={**env, **podman.env})))
+        # Pushes: podman with the proxy CA trusted, podman and skopeo with --tls-verify=false.  The clients
+        # hold no registry login at all: what arrives was pushed inside intercepted tunnels (the proxy's
+        # access lines, mode=connect) with the Connector's credentials (its user at the token realm).
+        [user] = token_server.users
+
+        def intercepted(method: str, repository: str) -> int:
+            return len(re.findall(rf'{NS}/reg "{method} /v2/{repository}/manifests/v1" 20\d .* mode=connect',
+                                  server.log()))
+
+        before = intercepted("GET", "test/abc")
+        outputs.append(check(await run(skopeo("inspect", "--raw", "--tls-verify=false", ref), env=env)))
+        await eventually(lambda: intercepted("GET", "test/abc") > before, what="skopeo's request, intercepted")
+        for repository, command in (
+            ("test/pushed", podman.argv("push", f"--cert-dir={cert_dir}", f"{origin}/test/abc:v1",
+                                        f"docker://{origin}/test/pushed:v1")),
+            ("test/pushed-insecure", podman.argv("push", "--tls-verify=false", f"{origin}/test/abc:v1",
+                                                 f"docker://{origin}/test/pushed-insecure:v1")),
+            ("test/copied-insecure", skopeo("copy", "--dest-tls-verify=false", image.reference,
+                                            f"docker://{origin}/test/copied-insecure:v1")),
+        ):
+            asked = len(token_server.requests)
+            outputs.append(check(await run(command, env={**env, **podman.env})))
+            pushes = [r for r in token_server.requests[asked:]
+                      if any(s.startswith(f"repository:{repository}:") and "push" in s for s in r.scopes)]
+            self.assertTrue(pushes, f"{repository}: the proxy asked the realm for a push token")
+            self.assertEqual({r.account for r in pushes}, {user})
+            await eventually(lambda repository=repository: intercepted("PUT", repository) == 1,  # type: ignore[misc]
+                             what=f"the manifest PUT of {repository}, intercepted")
+            pushed = json.loads(check(await run(skopeo("inspect", "--raw", f"--cert-dir={cert_dir}",
+                                                       f"docker://{origin}/{repository}:v1"), env=env)).stdout)
+            self.assertEqual(len(pushed["layers"]), len(image.layer_sizes), repository)
         # The proxy took the registry's tokens; none, and no password, reached a client or the log.
         tokens = token_server.tokens
         self.assertTrue(tokens, "the proxy answered the registry's token challenge")

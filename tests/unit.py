@@ -65,6 +65,7 @@ UNIT = (
 INTEGRATION = (
     "tests.test_coexistence",  # twistd subprocess (upstream's Deployment flags)
     "tests.test_connect",  # curl, git, nginx, git-http-backend, twistd subprocess
+    "tests.test_connect_clients",  # pip, pypiserver, skopeo, npm, mvn, kubectl, git, nginx, docker-registry, twistd
     "tests.test_clientconfig",  # pip, mvn, git, go
     "tests.test_client_packages",  # npm, verdaccio, mvn, unshare
     "tests.test_docs",  # runs the commands of docs/ pages

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connect -*-
+# -*- test-case-name: tests.test_connect,tests.test_connect_memory -*-
 """
 C{CONNECT host:port}, as far as the client side of the wire is concerned:
 reading its target, and what an intercepted tunnel remembers of its
@@ -17,7 +17,7 @@ import ipaddress
 import re
 from typing import Any
 
-from attrs import field, frozen
+from attrs import define, field, frozen
 
 from connectors_proxy.server.headers import same_origin
 from connectors_proxy.server.routing import BadTarget, split_target
@@ -28,6 +28,21 @@ _HOST_NAME = re.compile(r"^[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?$")
 
 #: What the proxy answers a C{CONNECT} it relays with, before the tunnel's first byte.
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+@define
+class TunnelStats:
+    """
+    What went through a C{CONNECT}'s tunnel once its C{200} was sent, as
+    its own access line shows it: bytes from the client (C{received}) and
+    bytes to it (C{sent}), as they crossed the client's connection (for an
+    intercepted tunnel, the TLS records, so the heads and bodies of the
+    requests inside plus their TLS framing; for a plain one, the bytes
+    relayed).
+    """
+
+    received: int = 0
+    sent: int = 0
 
 
 def parse_authority(target: bytes) -> tuple[str, int]:

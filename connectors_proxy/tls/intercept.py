@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_connect -*-
+# -*- test-case-name: tests.test_connect,tests.test_connect_memory -*-
 """
 TLS for intercepted C{CONNECT} tunnels: the proxy answers a client's TLS
 inside a tunnel to a listed Connector's host with a certificate for that
@@ -19,12 +19,16 @@ proxy mint for names of its choosing; and a client whose SNI names another
 host than its C{CONNECT} did gets a failed handshake, never a certificate
 for either name.  A client that does not start TLS at all gets a plain
 C{400} saying so.
+
+The bytes that cross the client's connection each way (TLS records) are
+counted for the C{CONNECT}'s own access line.
 """
 
 from __future__ import annotations
 
 import datetime
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 from OpenSSL import SSL
@@ -33,8 +37,9 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
+from connectors_proxy.server.connect import TunnelStats
 from connectors_proxy.tls.serve import ServerTLS, TLSFiles
 
 log = Logger()
@@ -79,24 +84,61 @@ class _Once(Factory):
         return self._protocol
 
 
+class _Counted:
+    """
+    The client's transport as the TLS protocol writes to it: everything
+    passed on, the bytes written counted in C{stats.sent}.  It provides
+    what the transport provides, so the TLS protocol (which takes on its
+    transport's interfaces) and the channel above it see the same
+    connection.
+    """
+
+    def __init__(self, transport: Any, stats: TunnelStats) -> None:
+        self._transport = transport
+        self._stats = stats
+        self._lost = False
+        directlyProvides(self, providedBy(transport))
+
+    def lost(self) -> None:
+        """The connection is gone: what is written from now on (a TLS alert) never leaves."""
+        self._lost = True
+
+    def write(self, data: bytes) -> None:
+        if not self._lost:
+            self._stats.sent += len(data)
+        self._transport.write(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        chunks = list(data)
+        if not self._lost:
+            self._stats.sent += sum(len(chunk) for chunk in chunks)
+        self._transport.writeSequence(chunks)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class TLSOnly(Protocol):
     """
     The client end of an intercepted tunnel: TLS, or a plain C{400} when
     the client's first byte cannot start a TLS handshake (an C{http://}
-    request sent through C{CONNECT}).
+    request sent through C{CONNECT}).  The bytes each way go to C{stats}.
     """
 
     transport: Any
 
-    def __init__(self, tls: IProtocol) -> None:
+    def __init__(self, tls: IProtocol, stats: TunnelStats | None = None) -> None:
         self.tls = tls
+        self.stats = stats if stats is not None else TunnelStats()
         self._first = True
         self._refused = False
 
     def connectionMade(self) -> None:
+        self.transport = _Counted(self.transport, self.stats)
         self.tls.makeConnection(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        self.stats.received += len(data)
         if self._first:
             self._first = False
             if not data.startswith(_TLS_HANDSHAKE):
@@ -110,6 +152,8 @@ class TLSOnly(Protocol):
             self.tls.dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if isinstance(self.transport, _Counted):
+            self.transport.lost()
         self.tls.connectionLost(reason)
 
 
@@ -178,13 +222,14 @@ class InterceptTLS:
                 connection.set_context(self._refusing)
         return check
 
-    def protocol(self, host: str, inner: IProtocol) -> IProtocol:
+    def protocol(self, host: str, inner: IProtocol, stats: TunnelStats | None = None) -> IProtocol:
         """
         The protocol to hand a tunnel's connection to: TLS as C{host}, with
-        C{inner} (an HTTP channel) reading the requests inside.
+        C{inner} (an HTTP channel) reading the requests inside; the bytes
+        that cross the connection each way are added to C{stats}.
         """
         factory = TLSMemoryBIOFactory(_OneContext(self.context_for(host)), False, _Once(inner),
                                       clock=self.clock)
         tls = factory.buildProtocol(None)
         assert tls is not None
-        return TLSOnly(tls)
+        return TLSOnly(tls, stats)

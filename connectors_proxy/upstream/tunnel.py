@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from attrs import define
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -29,17 +28,10 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.client import URI
 
+from connectors_proxy.server.connect import TunnelStats
 from connectors_proxy.tls.upstream import upstream_policy
 from connectors_proxy.upstream.agents import CONNECT_TIMEOUT
 from connectors_proxy.upstream.forward import ForwardAgents, GuardedEndpoint, system_resolver
-
-
-@define
-class TunnelStats:
-    """What went through a tunnel: bytes from the client, and bytes to it."""
-
-    received: int = 0
-    sent: int = 0
 
 
 class _Side(Protocol):
