@@ -27,7 +27,6 @@ from connectors_proxy.server.connect import ESTABLISHED
 from connectors_proxy.sources.manifests import parse_documents
 from connectors_proxy.tls.intercept import InterceptTLS
 from connectors_proxy.tls.mint import CertificateAuthority
-from tests.support import memory
 from tests.support.memory import Client, MemoryProxy, Scripted, basic_auth, memory_proxy, request_bytes
 from tests.support.proxy import basic, basic_secret, connector, connector_class, manifests_text, sa
 
@@ -147,24 +146,8 @@ class TLSClient:
         raise AssertionError("the response did not end")
 
 
-class _TCPMemoryTransport(memory.MemoryTransport):
-    """
-    A memory transport with TCP's C{setTcpNoDelay}: Twisted's HTTP channel
-    sets it on every transport that provides C{ITCPTransport}, which a TLS
-    transport does (the proxy's side of an intercepted tunnel, and an
-    C{https} upstream's connection here).
-    """
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        pass
-
-    def getTcpNoDelay(self) -> bool:
-        return True
-
-
 class InterceptedInMemoryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.patch(memory, "MemoryTransport", _TCPMemoryTransport)
         self.password = "canary-" + secrets.token_hex(16)
         self.token = "client-" + secrets.token_hex(16)
         self.proxy = memory_proxy(self, [

@@ -120,6 +120,15 @@ class MemoryTransport:
     def getPeer(self) -> Any:
         return self._peer
 
+    # Of ITCPTransport: Twisted's HTTP channel sets it on every transport
+    # that provides it, which a TLS transport over this one does.
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass
+
+    def getTcpNoDelay(self) -> bool:
+        return True
+
     def getHost(self) -> Any:
         return self._host
 
