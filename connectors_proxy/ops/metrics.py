@@ -75,9 +75,12 @@ class ProxyMetrics:
         self._duration = Histogram(f"{PREFIX}_request_duration_seconds",
                                    "Time from a request's headers to the end of its response.",
                                    per_connector, buckets=DURATION_BUCKETS, registry=r)
-        self._bytes_in = Counter(f"{PREFIX}_request_bytes", "Request body bytes received from clients.",
+        self._bytes_in = Counter(f"{PREFIX}_request_bytes", "Request body bytes received from clients; for a CONNECT "
+                                 "tunnel, every byte it carried up (an intercepted tunnel's requests are also "
+                                 "counted under their own protocol).",
                                  per_connector, registry=r)
-        self._bytes_out = Counter(f"{PREFIX}_response_bytes", "Response body bytes sent to clients.",
+        self._bytes_out = Counter(f"{PREFIX}_response_bytes", "Response body bytes sent to clients; for a CONNECT "
+                                  "tunnel, every byte it carried down.",
                                   per_connector, registry=r)
         self._truncated = Counter(f"{PREFIX}_truncated_responses",
                                   "Responses that started but did not end complete, by who cut them "
