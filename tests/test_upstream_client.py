@@ -500,3 +500,27 @@ class TimeoutTests(ClientTestCase):
         agent = HTTP11Agent(self.clock, self.endpoint, UpstreamTimeouts(headers=0, idle=0), idle_timeout=0)
         agent.request(b"GET", b"http://u/")
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class StoppingReader(Reader):
+    """Stops the body at its first bytes, as a reader over its size limit does."""
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        assert self.transport is not None
+        self.transport.stopProducing()
+
+
+class StoppedTests(ClientTestCase):
+    def test_reader_stops_while_taking_what_had_come(self) -> None:
+        d = self.get()
+        protocol, transport = self.endpoint.last()
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
+        reader = StoppingReader()
+        self.successResultOf(d).deliverBody(reader)
+        self.assertTrue(transport.aborted)
+        # No idle timer for a body that is already over, no resumed reading.
+        self.assertEqual((transport.producerState, self.clock.getDelayedCalls()), ("paused", []))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        assert reader.reason is not None
+        reader.reason.trap(ResponseFailed)

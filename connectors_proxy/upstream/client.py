@@ -217,6 +217,7 @@ class _Exchange:
         self.last = 0.0
         self.timed_out: str | None = None
         self.cancelled = False
+        self.stopped = False
 
     # -- sending ------------------------------------------------------------
 
@@ -489,6 +490,10 @@ class _Exchange:
         if self.pending_end is not None:
             self._finish_reader(self.pending_end)
             return
+        if self.stopped:
+            # The reader stopped the body while taking what had come: the
+            # connection is closing, and its loss ends the body.
+            return
         if self.complete or self.over:
             if not self.over:
                 self._finish_reader(Failure(ResponseDone()))
@@ -552,6 +557,7 @@ class _Exchange:
     def stopProducing(self) -> None:
         if self.over or self.complete:
             return
+        self.stopped = True
         self.abort()
 
 
