@@ -40,6 +40,7 @@ UNIT = (
     "tests.test_kube_writer",
     "tests.test_layout",
     "tests.test_limits",
+    "tests.test_logformat",
     "tests.test_manifests",
     "tests.test_memory_protocols",
     "tests.test_memory_relay",
