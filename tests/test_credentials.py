@@ -69,6 +69,27 @@ class FromSecret(SynchronousTestCase):
         self.assertIn("'password'", e.message)
 
 
+class ParsedOncePerVersion(SynchronousTestCase):
+    def test_same_secret_object_read_once(self) -> None:
+        secret = _secret("kubernetes.io/basic-auth", username=b"u", password=b"p")
+        first = from_secret(secret, "https://x")
+        self.assertIs(from_secret(secret, "https://x"), first)
+        # A new version of the Secret (a reload) is read again.
+        changed = _secret("kubernetes.io/basic-auth", username=b"u", password=b"new")
+        self.assertEqual(from_secret(changed, "https://x"), BasicCredentials("u", "new"))
+        # A dockerconfig Secret's answer depends on the address too.
+        config = {"auths": {"a.example": {"username": "ua", "password": "pa"},
+                            "b.example": {"username": "ub", "password": "pb"}}}
+        docker = _secret("kubernetes.io/dockerconfigjson", **{".dockerconfigjson": json.dumps(config).encode()})
+        self.assertEqual(from_secret(docker, "https://a.example"), BasicCredentials("ua", "pa"))
+        self.assertEqual(from_secret(docker, "https://b.example"), BasicCredentials("ub", "pb"))
+
+    def test_errors_not_kept(self) -> None:
+        broken = _secret("kubernetes.io/basic-auth", username=b"u")
+        for _ in range(2):
+            self.assertRaises(CredentialsUnavailable, from_secret, broken, "https://x")
+
+
 class Resolve(SynchronousTestCase):
     def connector(self, secret: ObjectRef | None) -> Connector:
         return Connector("ns", "c", "cls", "https://x", "basicAuth", secret, None)

@@ -222,8 +222,27 @@ def from_dockerconfig(secret: Secret, address: str) -> Credentials:
     )
 
 
+# Credentials per (Secret object, address): a Secret object is one version
+# of it (a change makes a new one), so its credentials are read once, not
+# on every request.  Bounded, since Secrets come and go.
+_PARSED: dict[tuple[int, str], tuple[Secret, Credentials]] = {}
+_MAX_PARSED = 4096
+
+
 def from_secret(secret: Secret, address: str) -> Credentials:
     """Credentials of one Secret, by its type (README.md, "How a client reaches a Connector")."""
+    key = (id(secret), address)
+    known = _PARSED.get(key)
+    if known is not None and known[0] is secret:
+        return known[1]
+    credentials = _from_secret(secret, address)
+    if len(_PARSED) >= _MAX_PARSED:
+        _PARSED.clear()
+    _PARSED[key] = (secret, credentials)
+    return credentials
+
+
+def _from_secret(secret: Secret, address: str) -> Credentials:
     if secret.type in (SECRET_BASIC, SECRET_REGISTRY):
         return BasicCredentials(_text(secret, "username"), _text(secret, "password"))
     if secret.type == SECRET_BEARER:
