@@ -8,7 +8,9 @@ One folder per concern:
                   route -> identity -> authorization -> target -> protocol
     protocols/    one module per wire protocol: rest.py, git.py, oci/ (resource, auth, names, tokens),
                   forward.py (unlisted forward-proxy targets, no credentials)
-    upstream/     target.py (a routed Connector), agents.py (pools, TLS), relay.py (streaming;
+    upstream/     target.py (a routed Connector), agents.py (one client per TLS identity),
+                  client.py (the upstream HTTP/1.1 client: keep-alive pool, timeouts), framing.py
+                  (response heads, body framing, chunked), relay.py (streaming;
                   request_headers: where credentials are injected), reflection.py (masking),
                   hooks.py (Rego extractor/generator on a request), timeouts.py, forward.py
     server/       channel.py (streaming HTTP, hostile input), routing.py (host/path -> Connector),
@@ -20,7 +22,8 @@ One folder per concern:
     kube/         cluster mode: client, reflector, identity, reconcile, writer.py (where a Service is
                   written), leader, flags (the connectors-config watch)
     sources/      manifests.py (standalone mode: files reloaded on change), lint.py (typos in manifests)
-    tls/          upstream.py (upstream trust), serve.py (the cptls: listener), mint.py (CA, leaves)
+    tls/          upstream.py (upstream trust), capool.py (the tool CA pool), serve.py (the cptls:
+                  listener), mint.py (CA, leaves), intercept.py (TLS of intercepted CONNECT tunnels)
     ops/          drain, metrics, admin listener, sd_notify, log format
     compat.py     every private Twisted name, each pinned by tests.test_compat
     testing/      the fake Kubernetes API server
