@@ -6,6 +6,7 @@ backpressure, and what a client or upstream going away does to the other.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import secrets
@@ -111,6 +112,12 @@ class Upstream(Scripted):
             assert request.content is not None
             body = request.content.read()
             return b"got %d %s" % (len(body), hashlib.sha256(body).hexdigest().encode())
+        if path == b"/malformed":
+            # A broken upstream that quotes the request's credentials in a
+            # line that is no header field.
+            authorization = request.getHeader(b"authorization") or b""
+            request.channel.transport.write(b"HTTP/1.1 200 OK\r\nEcho " + authorization + b"\r\n\r\n")  # type: ignore[union-attr]
+            return NOT_DONE_YET
         if path in (b"/chunks", b"/text-chunks"):
             # Many small chunks, written at once: they reach the proxy in one read.
             request.setHeader(b"Content-Type", b"text/plain" if path == b"/text-chunks" else b"application/octet-stream")
@@ -132,8 +139,9 @@ class Upstream(Scripted):
 class RelayTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.token = secrets.token_hex(12)
+        self.password = secrets.token_hex(8)
         self.proxy = memory_proxy(self, [
-            connector_class("http"), basic_secret("default", "creds", "robot", secrets.token_hex(8)),
+            connector_class("http"), basic_secret("default", "creds", "robot", self.password),
             connector("default", "api", "http", "http://api.test/base", secret="creds"),
         ], {self.token: sa("default")})
         self.resource = Upstream()
@@ -340,6 +348,18 @@ class ChunkedTests(RelayTestCase):
         self.assertTrue(raw.startswith(b"HTTP/1.0 200"), raw[:40])
         self.assertEqual(raw[raw.index(b"\r\n\r\n") + 4:], b"".join(self.resource.chunks))
         self.assertNotIn("chunks", [kind for kind, _ in calls])
+
+
+class MalformedTests(RelayTestCase):
+    def test_malformed_response_is_a_502_that_names_the_problem_not_the_bytes(self) -> None:
+        response = self.get(PATH + b"/malformed")
+        self.assertEqual(response.code, 502)
+        self.assertIn(b"cannot relay: bad header field (line 2)", response.body)
+        self.assertNotIn(self.password.encode(), self.proxy.received())
+        self.assertNotIn(base64.b64encode(b"robot:" + self.password.encode()), self.proxy.received())
+        self.assertNotIn(self.password, self.proxy.logs.text())
+        # The connection it came on is not kept.
+        self.assertEqual(self.proxy.agents.idle_connections(), 0)
 
 
 class GoingAwayTests(RelayTestCase):

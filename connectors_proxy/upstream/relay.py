@@ -44,7 +44,7 @@ from connectors_proxy.server.headers import (
 )
 from connectors_proxy.server.routing import Route
 from connectors_proxy.tls.upstream import describe_tls_failure, tls_error
-from connectors_proxy.upstream.framing import Framing
+from connectors_proxy.upstream.framing import Framing, MalformedResponse
 from connectors_proxy.upstream.reflection import DECODABLE, Inflater, Masker, Secrets, secrets_for, textual
 from connectors_proxy.upstream.target import Target
 from connectors_proxy.upstream.timeouts import UpstreamTimeout
@@ -134,6 +134,8 @@ def describe_failure(reason: Failure, target: Target, url: bytes | None = None) 
         return f"timed out connecting to {address}"
     if isinstance(inner, ConnectError):
         return f"cannot connect to {address} ({inner.__class__.__name__})"
+    if isinstance(inner, MalformedResponse):
+        return f"upstream {address} sent a response the proxy cannot relay: {inner}"
     return f"upstream {address} closed the connection without a complete response"
 
 
