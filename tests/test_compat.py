@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from twisted.copyright import version as twisted_version
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint
@@ -25,7 +27,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import Request as ClientRequest
@@ -307,6 +309,59 @@ class HeaderValues(PinnedTestCase):
             raw[canonical_name(b"www-authenticate")] = [b"Basic", b"Bearer"]
             self.assertEqual(headers.getRawHeaders(b"WWW-authenticate"), [b"Basic", b"Bearer"])
             self.assertEqual(list(headers.getAllRawHeaders())[-1], (b"WWW-Authenticate", [b"Basic", b"Bearer"]))
+
+
+# -- sending without queueing ----------------------------------------------------------
+
+
+class SendNow(PinnedTestCase):
+    def connection(self) -> tuple[Any, socket.socket, MemoryReactor]:
+        mine, peer = socket.socketpair()
+        mine.setblocking(False)
+        peer.setblocking(False)
+        self.addCleanup(mine.close)
+        self.addCleanup(peer.close)
+        reactor = MemoryReactor()
+        connection = tcp.Connection(mine, Protocol(), reactor)
+        connection.connected = 1
+        return connection, peer, reactor
+
+    def test_sent_at_once_when_nothing_is_queued(self) -> None:
+        connection, peer, reactor = self.connection()
+        with self.pinned("tcp.Connection._tempDataBuffer, dataBuffer, offset or writeSomeData"):
+            compat.send_now(connection, b"GET / HTTP/1.1\r\n\r\n")
+            self.assertEqual(peer.recv(100), b"GET / HTTP/1.1\r\n\r\n")
+            # Nothing queued, no writer registered.
+            self.assertEqual(reactor.getWriters(), [])
+
+    def test_queued_behind_what_is_queued(self) -> None:
+        connection, peer, reactor = self.connection()
+        connection.write(b"first ")
+        with self.pinned("tcp.Connection._tempDataBuffer, dataBuffer, offset or writeSomeData"):
+            compat.send_now(connection, b"second")
+            self.assertRaises(BlockingIOError, peer.recv, 100)
+            self.assertEqual(reactor.getWriters(), [connection])
+            connection.doWrite()
+            self.assertEqual(peer.recv(100), b"first second")
+
+    def test_what_the_socket_does_not_take_is_queued(self) -> None:
+        connection, peer, reactor = self.connection()
+        big = b"x" * (16 << 20)
+        with self.pinned("tcp.Connection._tempDataBuffer, dataBuffer, offset or writeSomeData"):
+            compat.send_now(connection, big)
+            self.assertEqual(reactor.getWriters(), [connection])
+            received = 0
+            while received < len(big):
+                try:
+                    received += len(peer.recv(1 << 20))
+                except BlockingIOError:
+                    connection.doWrite()
+            self.assertEqual(received, len(big))
+
+    def test_other_transports_write(self) -> None:
+        transport = StringTransport()
+        compat.send_now(transport, b"data")
+        self.assertEqual(transport.value(), b"data")
 
 
 # -- the listener TLS context ---------------------------------------------------------

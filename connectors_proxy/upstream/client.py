@@ -242,7 +242,7 @@ class _Exchange:
         self.connection = connection
         connection.exchange = self
         transport = connection.transport
-        transport.write(self.head_bytes())
+        compat.send_now(transport, self.head_bytes())
         if self.body is None:
             self._sent()
             return
