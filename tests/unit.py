@@ -59,6 +59,7 @@ UNIT = (
     "tests.test_tls",
     "tests.test_tls_mint",
     "tests.test_upstream_client",
+    "tests.test_upstream_client_hostile",
     "tests.test_upstream_framing",
 )
 

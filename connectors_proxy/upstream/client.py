@@ -85,6 +85,8 @@ IDLE_TIMEOUT = 30.0
 READ_SIZE = 256 * 1024
 # Endpoints kept per agent: redirects may name any host.
 MAX_ORIGINS = 1024
+# Interim (1xx) answers skipped before a final one; more is a hostile upstream.
+MAX_INTERIM = 16
 
 # Request targets and methods are written as given: refuse what would break
 # the request line (the relay builds them from already parsed requests).
@@ -218,6 +220,7 @@ class _Exchange:
         self.timed_out: str | None = None
         self.cancelled = False
         self.stopped = False
+        self.interim = 0
 
     # -- sending ------------------------------------------------------------
 
@@ -415,8 +418,12 @@ class _Exchange:
             # The upload is still going: stop it, and close after.
             self.reusable = False
             if self.body is not None:
+                connection.transport.unregisterProducer()
                 self.body.stopProducing()
             connection.exchange_over(self)
+            # The rest of the upload in the send buffer is not wanted: do
+            # not wait for the upstream to read it.
+            connection.transport.abortConnection()
         if self.reader is not None:
             self._finish_reader(Failure(ResponseDone()))
 
@@ -478,10 +485,14 @@ class _Exchange:
         pending, self.pending = self.pending, []
         if self.framing is Framing.CHUNKED and not self.complete:
             self.chunked = ChunkedReader(getattr(reader, "wants_framed", False))
-            for data in pending:
-                self.body_received(data)
-                if self.complete or self.over:
-                    break
+            # In one piece, so that bytes after the body (in whichever read
+            # they came) are seen, and the connection is not reused.
+            try:
+                if pending:
+                    self.body_received(b"".join(pending))
+            except MalformedResponse as problem:
+                self.malformed(problem)
+                return
         else:
             for data in pending:
                 if self.reader is None:
@@ -632,7 +643,10 @@ class _Connection(Protocol):
     def dataReceived(self, data: bytes) -> None:
         exchange = self.exchange
         if exchange is None:
-            # Nothing was asked: the connection is out of step.
+            # Nothing was asked: the connection is out of step (and out of
+            # the pool now, not at its connectionLost).
+            self.closed = True
+            self.agent.forget(self)
             self.transport.abortConnection()
             return
         exchange.got_bytes = True
@@ -669,6 +683,9 @@ class _Connection(Protocol):
             if head.code == 101:
                 raise MalformedResponse("the upstream switched protocols (101), which the proxy does not relay")
             # Interim (100 Continue, 103 Early Hints): the final answer follows.
+            exchange.interim += 1
+            if exchange.interim > MAX_INTERIM:
+                raise MalformedResponse(f"more than {MAX_INTERIM} interim (1xx) responses")
             return buffer[body_start:]
         kind, length, reusable = framing(exchange.method, head)
         rest = buffer[body_start:]
@@ -686,8 +703,10 @@ class _Connection(Protocol):
         if self.exchange is not exchange:
             return
         self.exchange = None
+        # Reading resumes either way: a TLS close waits for the upstream's
+        # close_notify, which a paused transport would never read.
+        self.transport.resumeProducing()
         if exchange.reusable and exchange.body_sent and not self.closed:
-            self.transport.resumeProducing()
             self.agent.keep(self)
         else:
             self.transport.loseConnection()
@@ -732,6 +751,7 @@ class HTTP11Agent:
         self._idle: dict[bytes, list[_Connection]] = {}
         self._origins: dict[bytes, tuple[Any, _Factory, bytes]] = {}
         self._sweeper: IDelayedCall | None = None
+        self._closed = False
 
     def request(self, method: bytes, uri: bytes, headers: Headers | None = None,
                 bodyProducer: IBodyProducer | None = None) -> Deferred[IResponse]:
@@ -808,6 +828,9 @@ class HTTP11Agent:
 
     def keep(self, connection: _Connection) -> None:
         """C{connection} is done with its exchange and may carry another."""
+        if self._closed:
+            connection.transport.loseConnection()
+            return
         idle = self._idle.setdefault(connection.origin, [])
         if len(idle) >= self._max_idle:
             connection.transport.loseConnection()
@@ -822,16 +845,20 @@ class HTTP11Agent:
         idle = self._idle.get(connection.origin)
         if idle and connection in idle:
             idle.remove(connection)
+            if not idle:
+                del self._idle[connection.origin]
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the idle timeout."""
         self._sweeper = None
         now = self.reactor.seconds()
         left = 0
-        for idle in self._idle.values():
+        for origin, idle in list(self._idle.items()):
             for connection in [c for c in idle if now - c.idle_since >= self._idle_timeout]:
                 idle.remove(connection)
                 connection.transport.loseConnection()
+            if not idle:
+                del self._idle[origin]
             left += len(idle)
         if left:
             self._sweeper = self.reactor.callLater(self._idle_timeout / 2, self._sweep)
@@ -841,7 +868,8 @@ class HTTP11Agent:
         return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> Deferred[None]:
-        """Close the idle connections (those in use finish their exchange)."""
+        """Close the idle connections (those in use finish their exchange, then close)."""
+        self._closed = True
         if self._sweeper is not None and self._sweeper.active():
             self._sweeper.cancel()
         self._sweeper = None

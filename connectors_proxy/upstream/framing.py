@@ -23,6 +23,10 @@ MAX_HEAD = 64 * 1024
 MAX_FIELDS = 256
 # A chunk-size line, its extensions included; a longer one is refused.
 MAX_SIZE_LINE = 4096
+# The largest chunk size accepted, as for requests (server/channel.py): framed
+# chunk-size lines reach clients as they came, and other parsers (JavaScript's
+# doubles, narrower integers) would read a larger one differently.
+MAX_CHUNK_SIZE = 2**53
 
 # Fields about this connection only, never part of the response handed on.
 # Content-Length is one too, except in answers to HEAD and in 304s, where
@@ -83,19 +87,13 @@ def head_end(buffer: bytes | bytearray) -> tuple[int, int]:
     the body)}, or C{(-1, -1)} if it is not complete yet.  A bare LF ends
     lines too (RFC 9112 section 2.2 lets a recipient accept it).
     """
-    end = buffer.find(b"\r\n\r\n")
-    if end >= 0:
-        bare = buffer.find(b"\n\n", 0, end)
-        if bare < 0:
-            return end, end + 4
-        return bare, bare + 2
-    bare = buffer.find(b"\n\n")
-    if bare < 0:
-        bare = buffer.find(b"\n\r\n")
-        if bare < 0:
-            return -1, -1
-        return bare, bare + 3
-    return bare, bare + 2
+    # The first empty line wins, however it and the line before it end.
+    best = (-1, -1)
+    for pattern in (b"\r\n\r\n", b"\n\n", b"\n\r\n"):
+        at = buffer.find(pattern, 0, best[1] if best[1] >= 0 else len(buffer))
+        if at >= 0 and (best[1] < 0 or at + len(pattern) < best[1]):
+            best = (at, at + len(pattern))
+    return best
 
 
 def parse_head(block: bytes) -> Head:
@@ -160,27 +158,34 @@ def framing(method: bytes, head: Head) -> tuple[Framing, int | None, bool]:
         reusable = b"close" not in connection
     else:
         reusable = b"keep-alive" in connection
-    if method == b"HEAD" or head.code in (204, 304) or 100 <= head.code < 200:
-        return Framing.NONE, None, reusable
-    codings = _tokens(head.values(b"transfer-encoding"))
-    if codings:
-        if codings[-1] != b"chunked":
-            # RFC 9112 section 6.3: read until the close.
-            return Framing.CLOSE, None, False
-        if codings.count(b"chunked") > 1:
-            raise MalformedResponse("chunked applied more than once")
-        # With a Content-Length as well, the message may be an attempt at
-        # smuggling: framed by the coding, and the connection not reused.
-        return Framing.CHUNKED, None, reusable and not head.values(b"content-length")
     lengths = head.values(b"content-length")
+    length = None
     if lengths:
+        # Checked even where it frames nothing: in answers to HEAD and in
+        # 304s it is handed on to the client.
         parts = {p.strip() for v in lengths for p in v.split(b",")}
         if len(parts) != 1:
             raise MalformedResponse("conflicting Content-Length values")
         (text,) = parts
         if _DIGITS.fullmatch(text) is None or len(text) > 18:
             raise MalformedResponse("bad Content-Length")
-        return Framing.LENGTH, int(text), reusable
+        length = int(text)
+    if method == b"HEAD" or head.code in (204, 304) or 100 <= head.code < 200:
+        return Framing.NONE, None, reusable
+    codings = _tokens(head.values(b"transfer-encoding"))
+    if codings:
+        if codings.count(b"chunked") > 1:
+            raise MalformedResponse("chunked applied more than once")
+        if codings != [b"chunked"]:
+            # The proxy sends no TE: an upstream may apply no other coding
+            # (RFC 9110 section 10.1.4), and the proxy could not decode it.
+            raise MalformedResponse("a transfer coding other than chunked")
+        # With a Content-Length as well, the message may be an attempt at
+        # smuggling; on HTTP/1.0 its framing is faulty (RFC 9112 section
+        # 6.1): framed by the coding, and the connection not reused.
+        return Framing.CHUNKED, None, reusable and length is None and head.version >= (1, 1)
+    if length is not None:
+        return Framing.LENGTH, length, reusable
     return Framing.CLOSE, None, False
 
 
@@ -314,4 +319,7 @@ def _chunk_size(line: bytes) -> tuple[int, bool]:
         size_text = size_text.rstrip(b" \t")
     if _HEX.fullmatch(size_text) is None:
         raise MalformedResponse("bad chunk size")
-    return int(size_text, 16), canonical
+    size = int(size_text, 16)
+    if size > MAX_CHUNK_SIZE:
+        raise MalformedResponse("chunk size over 2^53")
+    return size, canonical
