@@ -92,6 +92,20 @@ class Harness:
         self._thread.join(10)
 
 
+def connector_manifests(namespace: str, protocol: str, name: str, address: str, user: str, password: str) -> str:
+    """
+    Manifests of one Connector C{NAMESPACE/NAME} on C{address}, of the class
+    C{bench-PROTOCOL}, with the Basic credentials of its Secret C{NAME-creds}.
+    """
+    from tests.support.proxy import basic_secret, connector, connector_class, manifests_text
+
+    return manifests_text([
+        connector_class(f"bench-{protocol}", protocol),
+        connector(namespace, name, f"bench-{protocol}", address, secret=f"{name}-creds"),
+        basic_secret(namespace, f"{name}-creds", user, password),
+    ])
+
+
 def cached_image(harness: Harness, name: str, layer_sizes: Sequence[int], tag: str = "v1") -> Any:
     """
     An OCI image layout of random layers (tests.support.registry.build_image),

@@ -49,21 +49,23 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from harness import Harness, cached_image
+from harness import Harness, cached_image, connector_manifests
 from rego import ORIGIN, headers_for
 from rego import manifests as rego_manifests
 from run import (
     NAMESPACE,
     ROOT,
-    Background,
     Proc,
+    basic_credentials,
     children,
-    cpu_seconds,
-    free_port,
     need,
-    nginx_proc,
-    parse_wrk,
-    proxy_proc,
+    new_run_dir,
+    origin_nginx,
+    run_main,
+    source_trees,
+    start_proxies,
+    stop_all,
+    wrk_cpu,
 )
 
 REGISTRY_CONNECTOR = "registry"
@@ -71,30 +73,6 @@ REGISTRY_HOST = f"c-{REGISTRY_CONNECTOR}.{NAMESPACE}.svc.cluster.local"
 REPO, TAG = "bench/app", "v1"
 ACCEPT = ("Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, "
           "application/vnd.docker.distribution.manifest.v2+json")
-
-
-def oci_manifests(registry: str, user: str, password: str) -> str:
-    from tests.support.proxy import basic_secret, connector, connector_class, manifests_text
-
-    return manifests_text([
-        connector_class("bench-oci", "oci"),
-        connector(NAMESPACE, REGISTRY_CONNECTOR, "bench-oci", registry, secret="registry-creds"),
-        basic_secret(NAMESPACE, "registry-creds", user, password),
-    ])
-
-
-def load(port: int, path: str, headers: list[str], seconds: float, pids: list[int]) -> dict[str, Any]:
-    argv = ["wrk", "-t2", "-c50", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
-    for h in headers:
-        argv += ["-H", h]
-    before, background = sum(cpu_seconds(p) for p in pids), Background()
-    result = subprocess.run([*argv, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True,
-                            timeout=seconds + 60)
-    cpu = sum(cpu_seconds(p) for p in pids) - before
-    parsed = parse_wrk(result.stdout)
-    parsed["cpu_us"] = cpu / max(parsed["requests"], 1) * 1e6
-    parsed["others_cpus"] = background.cpus()
-    return parsed
 
 
 def check(port: int, path: str, headers: list[str], what: str) -> bytes:
@@ -138,18 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          ["plain", "rego", *(["rego-uncached"] if args.uncached else []), "oci-manifest",
                           "registry-direct"]) if p]
 
-    run_dir = os.path.join(args.workdir, "paths-" + time.strftime("%Y%m%d-%H%M%S"))
-    www = os.path.join(run_dir, "www")
-    os.makedirs(www)
-    with open(os.path.join(www, "small.bin"), "wb") as f:
-        f.write(os.urandom(1024))
-    username, password = "bench-" + secrets.token_hex(4), secrets.token_hex(16)
-    authorization = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+    run_dir, www = new_run_dir(args.workdir, "paths")
+    username, password, authorization = basic_credentials()
     pat, token = "glpat-" + secrets.token_hex(10), secrets.token_hex(24)
-    trees = [("connectors-proxy", os.path.abspath(args.proxy_src))]
-    for spec in args.extra_proxy:
-        name, _, src = spec.partition("=")
-        trees.append((name, os.path.abspath(src)))
+    trees = source_trees(args.proxy_src, args.extra_proxy)
 
     print(f"connectors-proxy paths bench {time.strftime('%Y-%m-%d %H:%M:%S %z')}: wrk -t2 -c50 {args.seconds:g} s x "
           f"{args.rounds} round(s); {os.cpu_count()} cpus, load average "
@@ -174,28 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if pushed.returncode != 0:
             raise RuntimeError(f"pushing the image failed: {pushed.stderr}")
 
-        origin_port = free_port()
-        prefix = os.path.join(run_dir, "origin")
-        origin = nginx_proc("origin", prefix, 1, ORIGIN.format(port=origin_port, www=www,
-                                                               authorization=authorization, pat=pat),
-                            os.path.join(prefix, "tmp"))
+        origin, origin_port = origin_nginx(run_dir, ORIGIN, www=www, authorization=authorization, pat=pat)
         origin.start()
         procs.append(origin)
         origin.wait_port(origin_port)
 
         objects = (rego_manifests(origin_port, username, password, pat) + "---\n"
-                   + oci_manifests(registry.address, reg_user, reg_password))
-        proxies: list[tuple[str, Proc, int]] = []
-        for name, src in trees:
-            proc, port = proxy_proc(name, src, os.path.join(run_dir, name), objects, token, "proxy.log",
-                                    listen_options=":backlog=4096")
-            proc.start()
-            procs.append(proc)
-            proxies.append((name, proc, port))
-        for name, proc, port in proxies:
-            proc.wait_port(port, timeout=60)
-            with open(proc.log_path) as log:
-                print(f"{name}: {log.readline().strip()}", flush=True)
+                   + connector_manifests(NAMESPACE, "oci", REGISTRY_CONNECTOR, registry.address, reg_user,
+                                         reg_password))
+        proxies = start_proxies(trees, run_dir, objects, token, procs)
 
         client_basic = "Authorization: Basic " + base64.b64encode(f"pipeline:{token}".encode()).decode()
         direct_headers = [f"Authorization: Bearer {registry_token(registry, reg_user, reg_password)}", ACCEPT]
@@ -234,14 +191,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path, headers = request_of(p)
                 runs.append((name, p, port, path, headers, proc))
         for _, _, port, path, headers, target in runs:
-            load(port, path, headers, 2, [target.pid] if target else [])
+            wrk_cpu(port, path, headers, 2, [target.pid] if target else [])
         results: dict[tuple[str, str], list[dict[str, Any]]] = {}
         print(f"\n== wrk -t2 -c50 -d{args.seconds:g}s, {args.rounds} round(s)", flush=True)
         for round_ in range(args.rounds):
             for name, p, port, path, headers, target in runs:
                 # The proxy and its Rego evaluator processes.
                 pids = [target.pid, *children(target.pid)] if target else [registry.server.process.pid]
-                r = load(port, path, headers, args.seconds, pids)
+                r = wrk_cpu(port, path, headers, args.seconds, pids)
                 bad = f"  NON-2xx {r['non2xx']} ERRORS {r['errors']}" if r["non2xx"] or r["errors"] else ""
                 results.setdefault((p, name), []).append(r)
                 print(f"  round {round_ + 1} {p:<16}{name:<18}{r['rps']:8.0f} req/s  p50 {r['p50']:6.2f} ms"
@@ -277,17 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nload average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; logs in {run_dir}")
         return 0
     finally:
-        for proc in reversed(procs):
-            try:
-                proc.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"bench: stopping {proc.name}: {e}", file=sys.stderr)
+        stop_all(procs)
         harness.close()
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.stderr.write("bench: interrupted; every process it started is stopped\n")
-        sys.exit(130)
+    run_main(main)

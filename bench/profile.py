@@ -54,7 +54,6 @@ apart.
 from __future__ import annotations
 
 import argparse
-import base64
 import linecache
 import os
 import re
@@ -77,13 +76,17 @@ from run import (
     ROOT,
     Background,
     Proc,
+    basic_credentials,
     cpu_seconds,
-    free_port,
     need,
-    nginx_proc,
+    new_run_dir,
+    origin_nginx,
     parse_wrk,
     proxy_manifests,
     proxy_proc,
+    run_main,
+    source_trees,
+    wrk_argv,
 )
 
 # Areas, in the order they are printed.
@@ -369,16 +372,6 @@ def find_py_spy(workdir: str, explicit: str | None) -> str | None:
     return None
 
 
-def thread_cpu_seconds(pid: int, tid: int) -> float:
-    """User + system CPU time of one thread so far."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def access_lines(path: str) -> int:
     needle = f"{NAMESPACE}/{CONNECTOR}".encode()
     try:
@@ -434,12 +427,6 @@ def check(port: int, token: str) -> None:
         raise RuntimeError(f"GET /small.bin through the proxy gave {result.stdout} {result.stderr}")
 
 
-def wrk_argv(port: int, token: str, seconds: float, threads: int, connections: int) -> list[str]:
-    return ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
-            "-H", f"Authorization: Bearer {token}", "-H", f"Host: {CONNECTOR_HOST}",
-            f"http://127.0.0.1:{port}/small.bin"]
-
-
 def profile_tree(name: str, src: str, args: argparse.Namespace, run_dir: str, origin: int, username: str,
                  password: str, token: str, py_spy: str | None) -> Measured:
     profiler = args.profiler
@@ -470,12 +457,14 @@ def _run(name: str, src: str, args: argparse.Namespace, run_dir: str, origin: in
             print(f"  {name}: {log.readline().strip()}, pid {proc.pid}", flush=True)
         check(port, token)
         total = args.warmup + args.seconds + 2
-        wrk = subprocess.Popen(wrk_argv(port, token, total, args.threads, args.connections),
+        wrk = subprocess.Popen(wrk_argv(f"http://127.0.0.1:{port}/small.bin",
+                                        [f"Authorization: Bearer {token}", f"Host: {CONNECTOR_HOST}"], total,
+                                        args.threads, args.connections),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             time.sleep(args.warmup)
             lines0, t0 = access_lines(proc.log_path), time.monotonic()
-            cpu0, main0 = cpu_seconds(proc.pid), thread_cpu_seconds(proc.pid, proc.pid)
+            cpu0, main0 = cpu_seconds(proc.pid), cpu_seconds(proc.pid, thread=proc.pid)
             background = Background()
             raw_path = os.path.join(run_dir, f"{name}.pyspy.txt")
             if py_spy:
@@ -495,7 +484,7 @@ def _run(name: str, src: str, args: argparse.Namespace, run_dir: str, origin: in
                 py_spy_note = ""
                 time.sleep(args.seconds)
             lines1, t1 = access_lines(proc.log_path), time.monotonic()
-            cpu1, main1 = cpu_seconds(proc.pid), thread_cpu_seconds(proc.pid, proc.pid)
+            cpu1, main1 = cpu_seconds(proc.pid), cpu_seconds(proc.pid, thread=proc.pid)
             others = background.cpus()
         finally:
             out, err = wrk.communicate(timeout=total + 60)
@@ -618,28 +607,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    run_dir = os.path.join(args.workdir, "profile-" + time.strftime("%Y%m%d-%H%M%S"))
-    www = os.path.join(run_dir, "www")
-    os.makedirs(www)
-    with open(os.path.join(www, "small.bin"), "wb") as f:
-        f.write(os.urandom(1024))
-    username, password = "bench-" + secrets.token_hex(4), secrets.token_hex(16)
-    authorization = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+    run_dir, www = new_run_dir(args.workdir, "profile")
+    username, password, authorization = basic_credentials()
     token = secrets.token_hex(24)
     py_spy = find_py_spy(args.workdir, args.py_spy) if args.profiler != "cprofile" else None
     if args.profiler == "py-spy" and not py_spy:
         sys.exit("bench: py-spy not found; see --help for how to install it")
 
-    trees = [("connectors-proxy", os.path.abspath(args.proxy_src))]
-    for spec in args.extra_proxy:
-        tree_name, _, src = spec.partition("=")
-        trees.append((tree_name, os.path.abspath(src)))
+    trees = source_trees(args.proxy_src, args.extra_proxy)
 
-    origin_port = free_port()
-    prefix = os.path.join(run_dir, "origin")
-    origin = nginx_proc("origin", prefix, 1, ORIGIN_SERVER.format(port=origin_port, www=www, shm=run_dir,
-                                                                   authorization=authorization),
-                        os.path.join(prefix, "tmp"))
+    origin, origin_port = origin_nginx(run_dir, ORIGIN_SERVER, www=www, shm=run_dir, authorization=authorization)
     print(f"connectors-proxy profile {time.strftime('%Y-%m-%d %H:%M:%S %z')}: wrk -t{args.threads} "
           f"-c{args.connections} GET 1 KiB, {args.seconds:g} s recorded after {args.warmup:g} s of load; "
           f"{os.cpu_count()} cpus, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
@@ -661,8 +638,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.stderr.write("bench: interrupted; every process it started is stopped\n")
-        sys.exit(130)
+    run_main(main)

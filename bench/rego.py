@@ -27,26 +27,24 @@ Needs C{nginx} and C{wrk}; logs go to C{/tmp/connectors-proxy-bench/}.
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import secrets
 import signal
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 
 from run import (  # bench/run.py: the same process handling
     NAMESPACE,
     ROOT,
+    basic_credentials,
     children,
-    cpu_seconds,
-    free_port,
     need,
-    nginx_proc,
-    parse_wrk,
+    new_run_dir,
+    origin_nginx,
     proxy_proc,
+    wrk_cpu,
 )
 
 ORIGIN = """\
@@ -174,18 +172,10 @@ def check(port: int, name: str, headers: list[str]) -> None:
 
 
 def load(port: int, headers: list[str], seconds: int, connections: int, pids: list[int]) -> dict[str, float]:
-    argv = ["wrk", "-t1" if connections == 1 else "-t2", f"-c{connections}", f"-d{seconds}s", "--latency",
-            "--timeout", "10s"]
-    for h in headers:
-        argv += ["-H", h]
-    before = sum(cpu_seconds(p) for p in pids)
-    result = subprocess.run([*argv, f"http://127.0.0.1:{port}/small.bin"], capture_output=True, text=True,
-                            timeout=seconds + 60)
-    cpu = sum(cpu_seconds(p) for p in pids) - before
-    parsed = parse_wrk(result.stdout)
+    parsed = wrk_cpu(port, "/small.bin", headers, seconds, pids, threads=1 if connections == 1 else 2,
+                     connections=connections)
     if parsed["non2xx"] or parsed["errors"]:
-        raise RuntimeError(f"wrk saw failures: {result.stdout}")
-    parsed["cpu_us"] = cpu / max(parsed["requests"], 1) * 1e6
+        raise RuntimeError(f"wrk saw failures: non-2xx {parsed['non2xx']}, socket errors {parsed['errors']}")
     return parsed
 
 
@@ -199,20 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         need(program)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    run_dir = os.path.join(args.workdir, "rego-" + time.strftime("%Y%m%d-%H%M%S"))
-    www = os.path.join(run_dir, "www")
-    os.makedirs(www)
-    with open(os.path.join(www, "small.bin"), "wb") as f:
-        f.write(os.urandom(1024))
-    username, password = "bench-" + secrets.token_hex(4), secrets.token_hex(16)
-    authorization = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+    run_dir, www = new_run_dir(args.workdir, "rego")
+    username, password, authorization = basic_credentials()
     pat, token = "glpat-" + secrets.token_hex(10), secrets.token_hex(24)
 
-    origin = free_port()
-    prefix = os.path.join(run_dir, "origin")
-    nginx = nginx_proc("origin", prefix, 1,
-                       ORIGIN.format(port=origin, www=www, authorization=authorization, pat=pat),
-                       os.path.join(prefix, "tmp"))
+    nginx, origin = origin_nginx(run_dir, ORIGIN, www=www, authorization=authorization, pat=pat)
     proxy, port = proxy_proc("connectors-proxy", ROOT, run_dir, manifests(origin, username, password, pat), token,
                              "proxy.log")
     names = ["plain", "rego", "rego-uncached"]

@@ -149,10 +149,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User + system CPU time a process (or only its C{thread}) has used so far."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
     except OSError:
         return 0.0
@@ -422,6 +422,113 @@ def make_file(path: str, size: int) -> None:
     os.replace(path + ".part", path)
 
 
+# What every bench script does alike (bench/paths.py, profile.py, rego.py, workloads.py import these) --------
+
+
+def basic_credentials() -> tuple[str, str, str]:
+    """Random canary upstream credentials: a user name, a password and their C{Basic} Authorization value."""
+    username, password = "bench-" + secrets.token_hex(4), secrets.token_hex(16)
+    return username, password, "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+def write_small_file(www: str) -> None:
+    """C{WWW/small.bin}: the 1 KiB of random bytes every wrk load GETs."""
+    with open(os.path.join(www, "small.bin"), "wb") as f:
+        f.write(os.urandom(1024))
+
+
+def new_run_dir(workdir: str, kind: str) -> tuple[str, str]:
+    """
+    A run's new folder C{WORKDIR/KIND-DATE} and in it C{www} (created,
+    holding L{write_small_file}'s file) for an origin nginx to serve.
+    """
+    run_dir = os.path.join(workdir, f"{kind}-" + time.strftime("%Y%m%d-%H%M%S"))
+    www = os.path.join(run_dir, "www")
+    os.makedirs(www)
+    write_small_file(www)
+    return run_dir, www
+
+
+def origin_nginx(run_dir: str, server: str, **fields: str) -> tuple[Proc, int]:
+    """
+    One-worker nginx (not started) serving C{server} (a template, its
+    C{port} filled in, and C{fields}) from C{RUN_DIR/origin}; and its port.
+    """
+    port = free_port()
+    prefix = os.path.join(run_dir, "origin")
+    return nginx_proc("origin", prefix, 1, server.format(port=port, **fields), os.path.join(prefix, "tmp")), port
+
+
+def wrk_cpu(port: int, path: str, headers: Sequence[str], seconds: float, pids: Sequence[int], threads: int = 2,
+            connections: int = 50) -> dict[str, Any]:
+    """
+    L{wrk_argv} on C{http://127.0.0.1:PORT/PATH}: L{parse_wrk}'s figures,
+    with C{cpu_us} (the CPU time C{pids} used per request) and
+    C{others_cpus} (L{Background}).
+    """
+    before, background = sum(cpu_seconds(p) for p in pids), Background()
+    result = subprocess.run(wrk_argv(f"http://127.0.0.1:{port}{path}", headers, seconds, threads, connections),
+                            capture_output=True, text=True, timeout=seconds + 60)
+    cpu = sum(cpu_seconds(p) for p in pids) - before
+    parsed = parse_wrk(result.stdout)
+    parsed["cpu_us"] = cpu / max(parsed["requests"], 1) * 1e6
+    parsed["others_cpus"] = background.cpus()
+    return parsed
+
+
+def source_trees(proxy_src: str, extra_proxy: Sequence[str]) -> list[tuple[str, str]]:
+    """The (name, absolute folder) of each tree to run: C{--proxy-src}, then each C{--extra-proxy NAME=DIR}."""
+    trees = [("connectors-proxy", os.path.abspath(proxy_src))]
+    for spec in extra_proxy:
+        name, _, src = spec.partition("=")
+        trees.append((name, os.path.abspath(src)))
+    return trees
+
+
+def start_proxies(trees: Sequence[tuple[str, str]], run_dir: str, manifests: str, token: str,
+                  procs: list[Proc]) -> list[tuple[str, Proc, int]]:
+    """
+    L{proxy_proc} of each (name, tree) of C{trees} (files in
+    C{RUN_DIR/NAME}, output in its C{proxy.log}, a listen backlog of 4096),
+    all started and added to C{procs} (for L{stop_all}), then each waited
+    for and its first line (which tree's code it runs) printed; (name,
+    process, port) of each.
+    """
+    proxies: list[tuple[str, Proc, int]] = []
+    for name, src in trees:
+        proc, port = proxy_proc(name, src, os.path.join(run_dir, name), manifests, token, "proxy.log",
+                                listen_options=":backlog=4096")
+        proc.start()
+        procs.append(proc)
+        proxies.append((name, proc, port))
+    for name, proc, port in proxies:
+        proc.wait_port(port, timeout=60)
+        with open(proc.log_path) as log:
+            print(f"{name}: {log.readline().strip()}", flush=True)
+    return proxies
+
+
+def stop_all(procs: Sequence[Proc]) -> None:
+    """Stop C{procs}, the last started first, each even when stopping another failed."""
+    for proc in reversed(procs):
+        try:
+            proc.stop()
+        except Exception as e:  # keep stopping the others
+            print(f"bench: stopping {proc.name}: {e}", file=sys.stderr)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """
+    A bench script's entry point: exit with C{main()}'s status, or 130 on
+    Ctrl-C (its C{finally} has stopped what it started).
+    """
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.stderr.write("bench: interrupted; every process it started is stopped\n")
+        sys.exit(130)
+
+
 # Targets -----------------------------------------------------------------
 
 @dataclass
@@ -486,11 +593,16 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return out
 
 
-def run_wrk(target: Target, seconds: float, threads: int = 2, connections: int = 50) -> dict[str, Any]:
+def wrk_argv(url: str, headers: Sequence[str], seconds: float, threads: int = 2, connections: int = 50) -> list[str]:
+    """C{wrk} GETs of C{url} with C{headers} for C{seconds} (at least one), latencies kept."""
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s"]
-    for h in target.headers:
+    for h in headers:
         argv += ["-H", h]
-    argv.append(target.url("/small.bin"))
+    return [*argv, url]
+
+
+def run_wrk(target: Target, seconds: float, threads: int = 2, connections: int = 50) -> dict[str, Any]:
+    argv = wrk_argv(target.url("/small.bin"), target.headers, seconds, threads, connections)
     sampler = RssSampler(target.pids)
     background = Background()
     result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
@@ -597,8 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.makedirs(d, exist_ok=True)
 
     print(f"preparing data files in {www} ...", flush=True)
-    with open(os.path.join(www, "small.bin"), "wb") as f:
-        f.write(os.urandom(1024))
+    write_small_file(www)
     big_path = os.path.join(www, f"big-{big // MiB}M.bin")
     make_file(big_path, big)
     big_name = os.path.basename(big_path)
@@ -607,8 +718,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     slow_name = os.path.basename(slow_path)
 
     # Random canaries: the upstream's credentials and the client's token.
-    username, password = "bench-" + secrets.token_hex(4), secrets.token_hex(16)
-    upstream_auth = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+    username, password, upstream_auth = basic_credentials()
     client_token = secrets.token_hex(24)
     client_auth = f"Authorization: Bearer {client_token}"
 
@@ -632,10 +742,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "--access-log", os.path.join(run_dir, "twisted-rp-access.log")],
                   os.path.join(run_dir, "twisted-rp.log"), env=dict(os.environ, BENCH_AUTHORIZATION=upstream_auth))
         web = twistd_web_proc(run_dir, www, web_port)
-        proxies = [cp_proc("connectors-proxy", args.proxy_src)]
-        for spec in args.extra_proxy:
-            name, _, src = spec.partition("=")
-            proxies.append(cp_proc(name, os.path.abspath(src)))
+        proxies = [cp_proc(name, src) for name, src in source_trees(args.proxy_src, args.extra_proxy)]
 
         for p in (origin, hop, rp, web, *(p for p, _ in proxies)):
             p.start()
@@ -743,11 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nload average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; logs in {run_dir}")
         return 0
     finally:
-        for p in reversed(procs):
-            try:
-                p.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"bench: stopping {p.name}: {e}", file=sys.stderr)
+        stop_all(procs)
         shutil.rmtree(shm, ignore_errors=True)
 
 
@@ -854,8 +957,4 @@ def summary(results: Results, targets: list[Target], proxies: list[str]) -> None
                   f"  (rounds: {', '.join(f'{x:.2f}' for x in ratios)}); CPU per request {cpu:.2f}x cheaper")
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.stderr.write("bench: interrupted; every process it started is stopped\n")
-        sys.exit(130)
+    run_main(main)

@@ -48,24 +48,25 @@ import sys
 import time
 from collections.abc import Sequence
 
-from harness import CACHE, Harness, cached_image, image_bytes
-from paths import oci_manifests
-from run import NAMESPACE, ROOT, Background, MiB, Proc, cpu_seconds, need, proxy_proc
+from harness import CACHE, Harness, cached_image, connector_manifests, image_bytes
+from run import (
+    NAMESPACE,
+    ROOT,
+    Background,
+    MiB,
+    Proc,
+    cpu_seconds,
+    need,
+    run_main,
+    source_trees,
+    start_proxies,
+    stop_all,
+)
 
 GIT_CONNECTOR, REGISTRY_CONNECTOR = "git", "registry"
 GIT_REPO = "bench/big"
 IMAGE_REPO, IMAGE_TAG = "bench/big", "v1"
 SHM = "/dev/shm"
-
-
-def git_manifests(address: str, user: str, password: str) -> str:
-    from tests.support.proxy import basic_secret, connector, connector_class, manifests_text
-
-    return manifests_text([
-        connector_class("bench-git", "git"),
-        connector(NAMESPACE, GIT_CONNECTOR, "bench-git", address, secret="git-creds"),
-        basic_secret(NAMESPACE, "git-creds", user, password),
-    ])
 
 
 def git(argv: Sequence[str], env: dict[str, str], cwd: str | None = None, timeout: float = 900) -> str:
@@ -163,10 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     rounds = args.rounds or (1 if args.quick else 3)
     phases = set(filter(None, args.only.split(","))) or {"git", "pulls"}
-    trees = [("connectors-proxy", os.path.abspath(args.proxy_src))]
-    for spec in args.extra_proxy:
-        name, _, src = spec.partition("=")
-        trees.append((name, os.path.abspath(src)))
+    trees = source_trees(args.proxy_src, args.extra_proxy)
 
     run_dir = os.path.join(args.workdir, "workloads-" + time.strftime("%Y%m%d-%H%M%S"))
     scratch = os.path.join(SHM, f"connectors-proxy-workloads-{os.getpid()}")
@@ -189,7 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             server = harness.call(start_git_server, harness)
             os.makedirs(os.path.join(server.root, os.path.dirname(GIT_REPO)), exist_ok=True)
             os.symlink(bare, server.bare_path(GIT_REPO))
-            objects += git_manifests(server.base_url, server.username, server.password) + "---\n"
+            objects += connector_manifests(NAMESPACE, "git", GIT_CONNECTOR, server.base_url, server.username,
+                                           server.password) + "---\n"
             print(f"repository: {pack_bytes / 1e6:.0f} MB pack, main at {head[:12]}", flush=True)
         if "pulls" in phases:
             os.environ.update(REGISTRY_LOG_ACCESSLOG_DISABLED="true", REGISTRY_LOG_LEVEL="warn")
@@ -204,20 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            authfile=registry_auth), capture_output=True, text=True, timeout=600)
             if pushed.returncode != 0:
                 raise RuntimeError(f"pushing the image failed: {pushed.stderr}")
-            objects += oci_manifests(registry.address, reg_user, reg_password)
+            objects += connector_manifests(NAMESPACE, "oci", REGISTRY_CONNECTOR, registry.address, reg_user,
+                                           reg_password)
             print(f"image: {pull_bytes / 1e6:.0f} MB ({len(image.layer_sizes)} layers), pushed", flush=True)
 
-        proxies: list[tuple[str, Proc, int]] = []
-        for name, src in trees:
-            proc, port = proxy_proc(name, src, os.path.join(run_dir, name), objects, token, "proxy.log",
-                                    listen_options=":backlog=4096")
-            proc.start()
-            procs.append(proc)
-            proxies.append((name, proc, port))
-        for name, proc, port in proxies:
-            proc.wait_port(port, timeout=60)
-            with open(proc.log_path) as log:
-                print(f"{name}: {log.readline().strip()}", flush=True)
+        proxies = start_proxies(trees, run_dir, objects, token, procs)
 
         results: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
@@ -318,19 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nload average now: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; logs in {run_dir}")
         return 0
     finally:
-        for proc in reversed(procs):
-            try:
-                proc.stop()
-            except Exception as e:  # keep stopping the others
-                print(f"bench: stopping {proc.name}: {e}", file=sys.stderr)
+        stop_all(procs)
         harness.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.stderr.write("bench: interrupted; every process it started is stopped\n")
-        sys.exit(130)
+    run_main(main)
 

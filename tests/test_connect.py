@@ -74,7 +74,7 @@ from tests.support.proxy import (
     token_file_text,
     write_setup,
 )
-from tests.support.registry import Podman, TokenServer, build_image, skopeo
+from tests.support.registry import Podman, TokenServer, build_image, skopeo, start_registry_trusting
 from tests.support.waiting import eventually
 
 NS = "ns1"
@@ -1044,21 +1044,8 @@ class OCITests(TestCase):
         registry_port = free_port()
         upstream = await start_https_upstream(self, backends=[registry_port, tokens.port], names=("registry.test",))
         origin = f"registry.test:{upstream.fronts[0]}"
-        bundle = os.path.abspath(self.mktemp() + "-root.pem")
-        with open(bundle, "wb") as f:
-            f.write(tokens.signing_key.certificate_pem())
-        storage = os.path.abspath(self.mktemp())
-        os.makedirs(storage)
-        config = os.path.abspath(self.mktemp() + "-registry.yml")
-        with open(config, "w") as f:
-            json.dump({"version": 0.1, "log": {"level": "info"},
-                       "storage": {"filesystem": {"rootdirectory": storage}},
-                       "http": {"addr": f"127.0.0.1:{registry_port}", "secret": secrets.token_hex(16)},
-                       "auth": {"token": {"realm": f"https://registry.test:{upstream.fronts[1]}/token",
-                                          "service": tokens.service, "issuer": tokens.issuer,
-                                          "rootcertbundle": bundle}}}, f)
-        await start_server(self, [require("docker-registry"), "serve", config], port=registry_port,
-                           name="docker-registry")
+        await start_registry_trusting(self, tokens, f"https://registry.test:{upstream.fronts[1]}/token",
+                                      registry_port)
         token = "client-" + secrets.token_hex(16)
         args = write_setup(self, [
             connector_class("oci", protocol="oci"),

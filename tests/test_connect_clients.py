@@ -20,10 +20,8 @@ import hashlib
 import io
 import json
 import os
-import re
 import secrets
 import shutil
-import subprocess
 import sys
 import time
 import zipfile
@@ -32,13 +30,14 @@ from typing import Any
 
 import yaml
 from attrs import define, frozen
-from twisted.internet import reactor, threads
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.server import Site
 
 from connectors_proxy.testing.fakekube import start_fake_kube
 from connectors_proxy.tls.mint import CertificateAuthority
+from tests.support.docs import client_env, page_blocks, run_block, substitute
 from tests.support.gitserver import start_git_server
 from tests.support.hosts import with_private_hosts
 from tests.support.procs import Server, check, free_port, require, run, start_server
@@ -54,7 +53,7 @@ from tests.support.proxy import (
     secret,
     write_setup,
 )
-from tests.support.registry import TokenServer, build_image
+from tests.support.registry import TokenServer, build_image, start_registry_trusting
 from tests.support.waiting import eventually
 from tests.test_connect import CURL_ENV, no_canary, proxy_user, start_https_upstream, write_ca
 from tests.test_docs import Files, tarball, wheel
@@ -167,24 +166,6 @@ async def start_pypiserver(test: TestCase, packages: Mapping[str, bytes]) -> Pac
     return PackageIndex(port, user, password)
 
 
-async def start_registry(test: TestCase, registry_port: int, tokens: TokenServer, realm: str) -> None:
-    """docker-registry on C{registry_port} trusting C{tokens}, whose C{realm} (behind TLS) it names."""
-    bundle = os.path.abspath(test.mktemp() + "-root.pem")
-    with open(bundle, "wb") as f:
-        f.write(tokens.signing_key.certificate_pem())
-    storage = os.path.abspath(test.mktemp())
-    os.makedirs(storage)
-    config = os.path.abspath(test.mktemp() + "-registry.yml")
-    with open(config, "w") as f:
-        json.dump({"version": 0.1, "log": {"level": "info"},
-                   "storage": {"filesystem": {"rootdirectory": storage}},
-                   "http": {"addr": f"127.0.0.1:{registry_port}", "secret": secrets.token_hex(16)},
-                   "auth": {"token": {"realm": realm, "service": tokens.service, "issuer": tokens.issuer,
-                                      "rootcertbundle": bundle}}}, f)
-    await start_server(test, [require("docker-registry"), "serve", config], port=registry_port,
-                       name="docker-registry")
-
-
 def listen_plain(test: TestCase, resource: Any) -> int:
     port: Any = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")  # type: ignore[attr-defined,arg-type]
     test.addCleanup(port.stopListening)
@@ -276,7 +257,6 @@ class PipTests(TestCase):
 # ------------------------------------------------------------------ docs/connect.md, run
 
 PAGE = os.path.join(ROOT, "docs", "connect.md")
-_FENCE = re.compile(r"^```([\w-]*)[ \t]*([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 # Every shell and YAML block says whether it runs: test (run here), no-test, cluster (needs one).
 MARKERS = {"sh": ("test", "no-test", "cluster"), "yaml": ("cluster", None)}
 
@@ -285,34 +265,11 @@ HOSTS = ("api.example.com", "git.example.com", "harbor.example.com", "pypi.examp
          "kubernetes.example.com", "maven.example.com")
 
 
-@frozen
-class Block:
-    """One fenced code block of the page."""
-
-    language: str
-    marker: str | None
-    text: str
-    line: int
-
-
-def page_blocks() -> list[Block]:
-    with open(PAGE) as f:
-        text = f.read()
-    return [Block(m.group(1), m.group(2) or None, m.group(3), text.count("\n", 0, m.start()) + 1)
-            for m in _FENCE.finditer(text)]
-
-
-def substitute(text: str, replacements: Mapping[str, str]) -> str:
-    for old, new in replacements.items():
-        text = text.replace(old, new)
-    return text
-
-
 class PageStructureTests(SynchronousTestCase):
     """docs/connect.md marks every block, and the recipes the issue names are among those run."""
 
     def test_markers(self) -> None:
-        found = page_blocks()
+        found = page_blocks(PAGE)
         for block in found:
             if block.language in MARKERS:
                 self.assertIn(block.marker, MARKERS[block.language], f"docs/connect.md:{block.line}")
@@ -388,7 +345,8 @@ class ConnectPageTests(TestCase):
             self, backends=[git.port, registry_port, token_server.port, index.port, npm_port, kube_server.port,
                             maven_port], names=HOSTS)
         git_front, registry_front, token_front, pypi_front, npm_front, kube_front, maven_front = upstream.fronts
-        await start_registry(self, registry_port, token_server, f"https://harbor.example.com:{token_front}/token")
+        await start_registry_trusting(self, token_server, f"https://harbor.example.com:{token_front}/token",
+                                      registry_port)
         upstream.write_file("basic/v1/things", b'{"things": ["through CONNECT"]}\n')
         npm_origin = f"https://registry.example.com:{npm_front}"
         package = tarball({"package/package.json": b'{"name": "left-pad", "version": "1.3.0"}\n'})
@@ -439,13 +397,9 @@ class ConnectPageTests(TestCase):
             f.write(token + "\n")
 
         env = {key: value for key, value in os.environ.items() if key not in ("GIT_SSL_CAINFO", "MAVEN_OPTS")}
+        env.update(client_env(home))
         env.update({
-            "HOME": home, "XDG_CONFIG_HOME": os.path.join(home, ".config"), "LC_ALL": "C.UTF-8",
             "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""), "PYTHONPATH": ROOT,
-            "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0",
-            "NPM_CONFIG_UPDATE_NOTIFIER": "false", "NPM_CONFIG_FUND": "false", "NPM_CONFIG_AUDIT": "false",
-            "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "PIP_CONFIG_FILE": os.devnull,
-            "PIP_CACHE_DIR": os.path.join(home, ".cache", "pip"), "KUBECONFIG": os.path.join(home, ".kube", "config"),
             "REGISTRY_AUTH_FILE": os.path.join(home, "no-auth.json"), "XDG_RUNTIME_DIR": os.path.join(home, "run"),
             # Java takes its home from the password database, not $HOME: Maven's local repository
             # must be the test's, not this machine's.
@@ -453,6 +407,10 @@ class ConnectPageTests(TestCase):
             **CURL_ENV, "HTTP_PROXY": "",
         })
         daemon: HostsDaemon | None = None
+
+        def daemon_log() -> str:
+            return daemon.log() if daemon else ""
+
         replacements: dict[str, str] = {
             "/connectors": os.path.join(work, "connectors"),
             "https://api.example.com": f"https://api.example.com:{upstream.port}/basic",
@@ -460,7 +418,7 @@ class ConnectPageTests(TestCase):
             "harbor.example.com": f"harbor.example.com:{registry_front}",
             "https://pypi.example.com": f"https://pypi.example.com:{pypi_front}",
         }
-        blocks = page_blocks()
+        blocks = page_blocks(PAGE)
         [maven_proxy] = [b for b in blocks if b.language == "xml"]
         outputs: list[bytes] = []
         for block in blocks:
@@ -479,16 +437,8 @@ class ConnectPageTests(TestCase):
                 self.assertIn("</proxies>", text)
                 with open(settings, "w") as f:
                     f.write(text.replace("</proxies>", entry + "</proxies>", 1))
-            script = substitute(block.text, replacements)
-            result = await threads.deferToThread(
-                subprocess.run, ["bash", "-euo", "pipefail", "-c", script], capture_output=True, env=env, cwd=work,
-                timeout=240)
-            if result.returncode != 0:
-                raise AssertionError(
-                    f"docs/connect.md:{block.line}: the block exited {result.returncode}\n{script}\n"
-                    f"stdout: {result.stdout.decode(errors='replace')[-3000:]}\n"
-                    f"stderr: {result.stderr.decode(errors='replace')[-3000:]}\n"
-                    f"the proxy's log:\n{daemon.log()[-3000:] if daemon else ''}")
+            result = await run_block(f"docs/connect.md:{block.line}", substitute(block.text, replacements), env, work,
+                                     240, daemon_log)
             outputs += [result.stdout, result.stderr]
             if daemon is None and os.path.exists(os.path.join(work, "ca.key")):
                 # The page's own CA is the proxy's.

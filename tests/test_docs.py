@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import secrets
 import shutil
 import subprocess
@@ -29,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import yaml
-from attrs import frozen
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -38,6 +36,7 @@ from twisted.web.server import Request, Site
 
 from connectors_proxy.tls.mint import CertificateAuthority
 
+from .support.docs import Block, client_env, page_blocks, run_block, substitute
 from .support.gitserver import start_git_server
 from .support.procs import check, run
 from .support.proxy import ROOT, sa, start_proxy
@@ -48,31 +47,10 @@ CLASSES = os.path.join(ROOT, "k8s", "classes")
 PAGE_NAMES = ("git", "gitlab", "oci", "maven", "npm", "pypi", "k8s")
 MARKERS = {"sh": ("test", "no-test", "cluster"), "yaml": ("manifest", "cluster", None)}
 
-_FENCE = re.compile(r"^```([\w-]*)[ \t]*([\w-]*)[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
-
-
-@frozen
-class Block:
-    """One fenced code block of a page."""
-
-    language: str
-    marker: str | None
-    text: str
-    line: int
-
 
 def blocks(page: str) -> list[Block]:
     """The fenced blocks of C{docs/clients/PAGE.md}, in order."""
-    with open(os.path.join(PAGES, page + ".md")) as f:
-        text = f.read()
-    return [Block(m.group(1), m.group(2) or None, m.group(3), text.count("\n", 0, m.start()) + 1)
-            for m in _FENCE.finditer(text)]
-
-
-def substitute(text: str, replacements: Mapping[str, str]) -> str:
-    for old, new in replacements.items():
-        text = text.replace(old, new)
-    return text
+    return page_blocks(os.path.join(PAGES, page + ".md"))
 
 
 def _tls_listener(folder: str) -> tuple[str, str]:
@@ -145,25 +123,16 @@ async def run_page(test: TestCase, page: str, hosts: Mapping[str, str], credenti
     os.makedirs(home)
     os.makedirs(work)
     env = {
-        "HOME": home, "XDG_CONFIG_HOME": os.path.join(home, ".config"), "PROXY_URL": url, "PROXY_CA": ca_path, "TOKEN": token,
-        "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C.UTF-8",
-        "NPM_CONFIG_UPDATE_NOTIFIER": "false", "NPM_CONFIG_FUND": "false", "NPM_CONFIG_AUDIT": "false",
-        "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1", "PIP_CONFIG_FILE": os.devnull,
-        "PIP_CACHE_DIR": os.path.join(home, ".cache", "pip"), "KUBECONFIG": os.path.join(home, ".kube", "config"),
+        **os.environ, **client_env(home), "PROXY_URL": url, "PROXY_CA": ca_path, "TOKEN": token,
         "http_proxy": "", "https_proxy": "", "HTTP_PROXY": "", "HTTPS_PROXY": "", "no_proxy": "",
     }
     results = []
     for block in found:
         if (block.language, block.marker) != ("sh", "test"):
             continue
-        result = await run(["bash", "-euo", "pipefail", "-c", substitute(block.text, hosts)],
-                           env=env, cwd=work, timeout=180)
+        result = await run_block(f"docs/clients/{page}.md:{block.line}", substitute(block.text, hosts), env, work,
+                                 180, proxy.logs.text)
         output = result.stdout + result.stderr
-        if result.returncode != 0:
-            raise AssertionError(f"docs/clients/{page}.md:{block.line}: the block exited {result.returncode}\n"
-                                 f"{block.text}\nstdout: {result.stdout.decode(errors='replace')[-3000:]}\n"
-                                 f"stderr: {result.stderr.decode(errors='replace')[-3000:]}\n"
-                                 f"the proxy's log:\n{proxy.logs.text()[-3000:]}")
         for secret in forbidden:
             test.assertNotIn(secret.encode(), output, f"docs/clients/{page}.md:{block.line}")
         results.append(result)

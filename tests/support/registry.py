@@ -374,7 +374,7 @@ def _registry_config(test: TestCase, port: int, storage: str, auth: dict[str, An
 
 
 async def _start_registry(test: TestCase, auth_kind: str, auth: dict[str, Any],
-                          redirect_blobs: bool) -> Registry:
+                          redirect_blobs: bool, port: int | None = None) -> Registry:
     program = require("docker-registry")
     storage = os.path.abspath(test.mktemp())
     os.makedirs(storage)
@@ -382,7 +382,8 @@ async def _start_registry(test: TestCase, auth_kind: str, auth: dict[str, Any],
     if redirect_blobs:
         origin = BlobOrigin(storage)
         origin.listen(test)
-    port = free_port()
+    if port is None:
+        port = free_port()
     config = _registry_config(test, port, storage, auth, origin.url if origin else None)
     server = await start_server(test, [program, "serve", config], port=port, name="docker-registry")
     return Registry(port=port, storage=storage, auth=auth_kind, origin=origin, server=server)
@@ -401,18 +402,38 @@ def start_token_registry(test: TestCase, users: dict[str, str] | None = None,
     async def start() -> Registry:
         tokens = TokenServer(users=dict(users), header_style=header_style, **token_options)
         tokens.listen(test)
-        bundle = test.mktemp() + "-root.pem"
-        with open(bundle, "wb") as f:
-            f.write(tokens.signing_key.certificate_pem())
-        registry = await _start_registry(test, "token", {"token": {
-            "realm": tokens.realm, "service": tokens.service,
-            "issuer": tokens.issuer, "rootcertbundle": os.path.abspath(bundle),
-        }}, redirect_blobs)
+        registry = await _start_registry(test, "token", _token_auth(test, tokens, tokens.realm), redirect_blobs)
         registry.token_server = tokens
         registry.users = dict(users)
         return registry
 
     return Deferred.fromCoroutine(start())
+
+
+def start_registry_trusting(test: TestCase, tokens: TokenServer, realm: str, port: int) -> Deferred[Registry]:
+    """
+    Start a registry on C{port} trusting C{tokens}, a token server the test
+    started itself, and sending its clients to C{realm} for tokens: for a
+    test that puts a front (TLS, a host name) before both, so chooses the
+    registry's port before it starts and the realm's URL.
+    """
+
+    async def start() -> Registry:
+        registry = await _start_registry(test, "token", _token_auth(test, tokens, realm), False, port)
+        registry.token_server = tokens
+        registry.users = dict(tokens.users)
+        return registry
+
+    return Deferred.fromCoroutine(start())
+
+
+def _token_auth(test: TestCase, tokens: TokenServer, realm: str) -> dict[str, Any]:
+    """A registry's C{auth} section trusting C{tokens} (its signing certificate written to a file)."""
+    bundle = test.mktemp() + "-root.pem"
+    with open(bundle, "wb") as f:
+        f.write(tokens.signing_key.certificate_pem())
+    return {"token": {"realm": realm, "service": tokens.service, "issuer": tokens.issuer,
+                      "rootcertbundle": os.path.abspath(bundle)}}
 
 
 def start_basic_registry(test: TestCase, users: dict[str, str] | None = None,
