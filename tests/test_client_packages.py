@@ -21,14 +21,11 @@ for the canary credentials.
 from __future__ import annotations
 
 import base64
-import hashlib
-import io
 import json
 import os
 import secrets
 import sys
 import time
-import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ from connectors_proxy.upstream.forward import ForwardAgents, ForwardGuard
 
 from .support.command import run_main
 from .support.hosts import with_private_hosts
+from .support.maven import maven_artifact
 from .support.procs import Server, check, free_port, require, run, start_server
 from .support.proxy import ProxyProcess, start_proxy, start_proxy_process, write_setup
 
@@ -356,21 +354,6 @@ class NpmTests(TestCase):
 
 #: The stand-in for Maven Central: a name only the proxy resolves (its test resolver).
 CENTRAL_NAME = "central.unlisted.test"
-
-
-def maven_artifact(root: Path, group: str, name: str, version: str) -> None:
-    """A jar (a manifest only) and its POM under C{root} in the Maven layout, with C{.sha1} files."""
-    jar = io.BytesIO()
-    with zipfile.ZipFile(jar, "w") as z:
-        z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
-    folder = root / group.replace(".", "/") / name / version
-    folder.mkdir(parents=True)
-    pom = ('<project xmlns="http://maven.apache.org/POM/4.0.0"><modelVersion>4.0.0</modelVersion>'
-           f"<groupId>{group}</groupId><artifactId>{name}</artifactId>"
-           f"<version>{version}</version><packaging>jar</packaging></project>\n").encode()
-    for file, data in ((f"{name}-{version}.pom", pom), (f"{name}-{version}.jar", jar.getvalue())):
-        (folder / file).write_bytes(data)
-        (folder / (file + ".sha1")).write_text(hashlib.sha1(data).hexdigest())
 
 
 class Repository(Resource):

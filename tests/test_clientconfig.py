@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import configparser
-import io
 import json
 import os
 import secrets
@@ -36,6 +35,7 @@ from connectors_proxy.clientconfig import ClientConfigError, connector_info, ren
 from connectors_proxy.testing.fakekube import start_fake_kube
 
 from .support.command import run_main
+from .support.maven import maven_artifact
 from .support.procs import check, free_port, require, run, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -598,21 +598,9 @@ class RealClientTests(TestCase):
         repo_user, repo_password = "deployer", "canary-" + secrets.token_hex(12)
         expected = b"Basic " + base64.b64encode(f"{repo_user}:{repo_password}".encode())
         root = Path(self.mktemp())
-        jar = io.BytesIO()
-        with zipfile.ZipFile(jar, "w") as z:
-            z.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\n")
-        import hashlib
-
         # The extension, and the plexus-utils Maven adds to every build extension.
-        for group, name, version in (("org/example", "canary-ext", "1.0"), ("org/codehaus/plexus", "plexus-utils", "1.1")):
-            artifact = root / "maven2" / group / name / version
-            artifact.mkdir(parents=True)
-            pom = ("<project xmlns=\"http://maven.apache.org/POM/4.0.0\"><modelVersion>4.0.0</modelVersion>"
-                   f"<groupId>{group.replace('/', '.')}</groupId><artifactId>{name}</artifactId>"
-                   f"<version>{version}</version><packaging>jar</packaging></project>\n").encode()
-            for file, data in ((f"{name}-{version}.pom", pom), (f"{name}-{version}.jar", jar.getvalue())):
-                (artifact / file).write_bytes(data)
-                (artifact / (file + ".sha1")).write_text(hashlib.sha1(data).hexdigest())
+        maven_artifact(root / "maven2", "org.example", "canary-ext", "1.0")
+        maven_artifact(root / "maven2", "org.codehaus.plexus", "plexus-utils", "1.1")
         seen: list[bytes] = []
 
         class Guarded(Resource):
