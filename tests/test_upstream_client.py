@@ -160,6 +160,9 @@ class RequestTests(ClientTestCase):
     def test_fragment_dropped(self) -> None:
         self.assertEqual(split_url(b"http://h:1/p?q#frag"), (b"http://h:1", b"/p?q"))
         self.assertEqual(split_url(b"http://[::1]:1?q"), (b"http://[::1]:1", b"/?q"))
+        self.assertEqual(split_url(b"http://h/a?b/c"), (b"http://h", b"/a?b/c"))
+        self.assertEqual(split_url(b"http://h?x/y"), (b"http://h", b"/?x/y"))
+        self.assertEqual(split_url(b"https://h"), (b"https://h", b"/"))
 
     def test_bad_requests_fail_before_connecting(self) -> None:
         for method, url in [(b"GET", b"/relative"), (b"G ET", b"http://h/"), (b"GET", b"http://h/a b"),

@@ -109,8 +109,12 @@ def split_url(url: bytes) -> tuple[bytes, bytes]:
     if hash_at >= 0:
         url = url[:hash_at]
     authority = scheme_end + 3
-    slash, query = url.find(b"/", authority), url.find(b"?", authority)
-    cut = min((i for i in (slash, query) if i >= 0), default=len(url))
+    cut = url.find(b"/", authority)
+    query = url.find(b"?", authority, cut if cut >= 0 else len(url))
+    if query >= 0:
+        cut = query
+    elif cut < 0:
+        cut = len(url)
     target = url[cut:]
     if not target.startswith(b"/"):
         target = b"/" + target

@@ -11,7 +11,6 @@ protocol module and passed in.
 
 from __future__ import annotations
 
-import functools
 import re
 import zlib
 from collections.abc import Callable, Mapping
@@ -24,7 +23,6 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    URI,
     ResponseDone,
     ResponseFailed,
     ResponseNeverReceived,
@@ -93,22 +91,6 @@ def request_headers(request: ProxyRequest, target: Target) -> Headers:
     return headers
 
 
-def host_header(url: bytes) -> bytes:
-    """The Host header Agent would send for C{url}."""
-    start = url.find(b"://") + 3
-    end = min((i for i in (url.find(b"/", start), url.find(b"?", start)) if i >= 0), default=len(url))
-    return _host_for_origin(url[:end])
-
-
-@functools.lru_cache(maxsize=1024)
-def _host_for_origin(origin: bytes) -> bytes:
-    uri = URI.fromBytes(origin + b"/")
-    host = b"[" + uri.host + b"]" if b":" in uri.host else uri.host
-    if (uri.scheme, uri.port) in ((b"http", 80), (b"https", 443)):
-        return host
-    return b"%b:%d" % (host, uri.port)
-
-
 def _upstream_name(target: Target, url: bytes) -> str:
     """The upstream as messages name it: the Connector's address, or the other origin C{url} is on."""
     if same_origin(url.decode("latin-1"), target.connector.address):
@@ -153,9 +135,7 @@ async def send(target: Target, method: bytes, url: bytes, headers: Headers,
     C{failed} makes of them (by default L{unreachable}: a 502 whose message
     says why, naming no credential).
     """
-    if not headers.hasHeader(b"host"):
-        # Agent would copy every header (re-validating each) just to add Host.
-        headers.setRawHeaders(b"Host", [host_header(url)])
+    # The client adds the origin's Host (worked out once per origin) when there is none.
     d = target.agent.request(method, url, headers, body)
     if request is not None:
         cancel = _on_disconnect(request, d.cancel)
