@@ -283,7 +283,8 @@ class Context:
     """
 
     connectors: tuple[ConnectorInfo, ...]
-    token: str
+    # Out of repr: a traceback or a debug print of the context shows no token.
+    token: str = field(repr=False)
     params: Mapping[str, str] = field(factory=dict)
     ca_cert: str | None = None
 

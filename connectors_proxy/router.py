@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 from attrs import define, evolve, field, frozen
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -61,7 +60,7 @@ from connectors_proxy.tls.serve import client_identity
 from connectors_proxy.upstream import hooks
 from connectors_proxy.upstream.agents import ConnectorAgents
 from connectors_proxy.upstream.forward import ForwardAgents, ForwardRefused
-from connectors_proxy.upstream.relay import send_error
+from connectors_proxy.upstream.relay import describe_connect_error, send_error
 from connectors_proxy.upstream.target import Target, client_base
 from connectors_proxy.upstream.tunnel import open_tunnel
 
@@ -179,13 +178,7 @@ FORWARD_NEEDS_CREDENTIALS = ("forward-proxy requests need 'Proxy-Authorization: 
 
 def _connect_failure(error: BaseException, target: str) -> str:
     """Why a tunnel to C{target} could not be opened, for the client's 502."""
-    if isinstance(error, DNSLookupError):
-        return f"cannot resolve the host of {target}"
-    if isinstance(error, TimeoutError):
-        return f"timed out connecting to {target}"
-    if isinstance(error, ConnectError):
-        return f"cannot connect to {target} ({error.__class__.__name__})"
-    return f"cannot open a tunnel to {target}"
+    return describe_connect_error(error, target) or f"cannot open a tunnel to {target}"
 
 
 @define
@@ -265,8 +258,7 @@ class ConnectorsResource(Resource):
                 raise errors.unavailable(f"protocol {name!r} is not served here")
             protocol = served
             if self.limiter is not None:
-                await limits.admit(self.limiter, request, target.connector.ref, str(target.connector.ref),
-                                   target.identity.username)
+                await limits.admit(self.limiter, request, target.connector.ref, who=target.identity.username)
             await protocol.serve(request, target)
             return
         except errors.ProxyError as e:
@@ -309,7 +301,7 @@ class ConnectorsResource(Resource):
             raise errors.unauthorized("the token was not accepted (unknown, expired or revoked)")
         return identity, presented
 
-    async def _resolve(self, request: ProxyRequest, r: Route, context: dict[str, str]) -> Target | None:
+    async def _resolve(self, request: ProxyRequest, r: Route, context: dict[str, Any]) -> Target | None:
         """The routed target of C{request}, or C{None} when it names no Connector."""
         # A forward-proxy request (absolute form, no Connector host): its
         # token is in Proxy-Authorization, and without a valid one the
@@ -320,13 +312,14 @@ class ConnectorsResource(Resource):
         if forward and not _proxy_authorization(request) and certified is None:
             raise errors.proxy_unauthorized(FORWARD_NEEDS_CREDENTIALS)
         extracted: Presented | None = None
-        if r.names_connector:
+        named_ref = ObjectRef(r.namespace or "", r.name or "") if r.names_connector else None
+        if named_ref is not None:
             # The class's Rego authExtractor may find the token elsewhere
             # (glab's Private-Token): the class is known once the Connector
             # is, so it is looked up first (an unknown one still gets 401
             # before 404).
             peek = self.store.snapshot
-            named = peek.connectors.get(ObjectRef(r.namespace or "", r.name or ""))
+            named = peek.connectors.get(named_ref)
             named_class = peek.connector_class(named) if named is not None else None
             if named_class is not None and named_class.extractor is not None:
                 extracted, r = await hooks.extract(self.rego, request, named_class, r, None)
@@ -340,8 +333,8 @@ class ConnectorsResource(Resource):
 
         snapshot = self.store.snapshot
         address: str | None = None
-        if r.names_connector:
-            ref = ObjectRef(r.namespace or "", r.name or "")
+        if named_ref is not None:
+            ref = named_ref
         elif r.origin is not None:
             decision = forward_decision(r.origin.decode("latin-1"), r.rest.split(b"?", 1)[0],
                                         presented.listed if presented else (), snapshot, self.forward_unlisted)

@@ -278,7 +278,9 @@ class NpmTests(TestCase):
                          {("GET", f"/{name}", 200, registry.user),
                           ("GET", f"/{name}/-/{name}-1.0.0.tgz", 200, registry.user)}, served)
         self.assertEqual([r for r in served if r["status"] >= 400], [])
-        for headers in registry.headers()[headers_before:]:
+        logged = registry.headers()[headers_before:]
+        self.assertTrue(logged, "verdaccio logged no request headers to check")
+        for headers in logged:
             self.assertIn("authorization", headers)
             self.assertNotIn("proxy-authorization", headers)
         outputs = [("npm output", output), ("proxy log", proxy.log().encode()),

@@ -14,7 +14,6 @@ import configparser
 import json
 import os
 import secrets
-import shutil
 import stat
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from connectors_proxy.clientconfig import ClientConfigError, connector_info, ren
 from connectors_proxy.testing.fakekube import start_fake_kube
 
 from .support.command import run_main
+from .support.kubeapi import go_toolchain
 from .support.maven import maven_artifact
 from .support.procs import check, free_port, require, run, start_server
 
@@ -288,7 +288,7 @@ class ConfigurationFileTests(SynchronousTestCase):
 
 
 def _go() -> str:
-    go = shutil.which("go") or ("/usr/local/go/bin/go" if os.path.exists("/usr/local/go/bin/go") else None)
+    go = go_toolchain()
     if go is None:
         raise AssertionError("no Go toolchain: the class templates are checked with Go's text/template")
     return go

@@ -55,7 +55,7 @@ from tests.support.proxy import (
 )
 from tests.support.registry import TokenServer, build_image, start_registry_trusting
 from tests.support.waiting import eventually
-from tests.test_connect import CURL_ENV, no_canary, proxy_user, start_https_upstream, write_ca
+from tests.test_connect import CURL_ENV, basic, no_canary, proxy_user, start_https_upstream, write_ca
 from tests.test_docs import Files, tarball, wheel
 
 NS = "team"
@@ -67,10 +67,6 @@ def upstream_class(name: str) -> list[dict[str, Any]]:
     """The upstream ConnectorClass C{name}, as C{k8s/classes/} ships it."""
     with open(os.path.join(CLASSES, name + ".yaml")) as f:
         return [d for d in yaml.safe_load_all(f) if d]
-
-
-def basic_header(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 # ------------------------------------------------------------------ the daemon, resolving made-up names
@@ -227,7 +223,7 @@ class PipTests(TestCase):
         entries = upstream.requests(at_least=4)
         self.assertEqual(sorted({e["request_uri"] for e in entries}), [f"/packages/{filename}", "/simple/demo-tool/"])
         self.assertEqual({e["status"] for e in entries}, {"200"})
-        self.assertEqual({e["http_authorization"] for e in entries}, {basic_header(index.user, index.password)})
+        self.assertEqual({e["http_authorization"] for e in entries}, {basic(index.user, index.password)})
         self.assertEqual({e["ssl_server_name"] for e in entries}, {"pypi.test"})
         # The proxy's log: the requests inside the tunnels, and each CONNECT with its tunnel's bytes.
         await eventually(lambda: len([a for a in daemon.access() if a.get("mode") == "tunnel"]) >= 3,
@@ -298,7 +294,7 @@ def _maven_repository(password: str) -> tuple[Files, str]:
             path = f"/maven2/{group}/{name}/{version}/{file}".encode()
             files[path] = (b"application/octet-stream", data)
             files[path + b".sha1"] = (b"text/plain", hashlib.sha1(data).hexdigest().encode())
-    header = basic_header("deployer", password)
+    header = basic("deployer", password)
     return Files(files, header.encode()), header
 
 
@@ -335,7 +331,7 @@ class ConnectPageTests(TestCase):
         filename, wheel_data = wheel("demo-tool", "1.0")
         index = await start_pypiserver(self, {filename: wheel_data})
         npm_password = "canary-" + secrets.token_hex(16)
-        npm = Files({}, basic_header("reader", npm_password).encode())
+        npm = Files({}, basic("reader", npm_password).encode())
         npm_port = listen_plain(self, npm)
         kube, kube_server = start_fake_kube(self, reactor)
         maven_password = "canary-" + secrets.token_hex(16)
@@ -452,7 +448,7 @@ class ConnectPageTests(TestCase):
         self.assertIn(b'{"things": ["through CONNECT"]}\n', outputs)
         self.assertEqual([(e["request_uri"], e["status"], e["http_authorization"]) for e in upstream.requests()
                           if e["request_uri"] == "/basic/v1/things"],
-                         [("/basic/v1/things", "200", basic_header(upstream.username, upstream.password))])
+                         [("/basic/v1/things", "200", basic(upstream.username, upstream.password))])
         self.assertTrue(os.path.exists(os.path.join(work, "deps", "demo_tool", "__init__.py")))
         self.assertTrue(os.path.isdir(os.path.join(work, "app", ".git")))
         self.assertTrue(os.path.exists(os.path.join(work, "node_modules", "left-pad", "package.json")))

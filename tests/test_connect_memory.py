@@ -21,20 +21,14 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from connectors_proxy.model.objects import ObjectRef
-from connectors_proxy.model.state import Snapshot
 from connectors_proxy.router import Listed, Unlisted, forward_decision
 from connectors_proxy.server.connect import ESTABLISHED
-from connectors_proxy.sources.manifests import parse_documents
 from connectors_proxy.tls.intercept import InterceptTLS
 from connectors_proxy.tls.mint import CertificateAuthority
 from tests.support.memory import Client, MemoryProxy, Scripted, basic_auth, memory_proxy, request_bytes
-from tests.support.proxy import basic, basic_secret, connector, connector_class, manifests_text, sa
+from tests.support.proxy import basic, basic_secret, connector, connector_class, sa, snapshot_of
 
 NS = "ns1"
-
-
-def snapshot_of(*objects: dict[str, Any]) -> Snapshot:
-    return Snapshot.of(parse_documents(manifests_text(objects), "<test>"))
 
 
 class ServiceHostDecisionTests(SynchronousTestCase):

@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IHostnameResolver
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
 from twisted.protocols import portforward
@@ -54,13 +54,10 @@ from .support.proxy import (
     token_file_text,
     write_setup,
 )
+from .support.waiting import sleep
 from .test_metrics import samples, value
 
 TEAM = "team"
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 class Ok(Resource):
@@ -362,9 +359,10 @@ class TokenReloadMetricTests(TestCase):
             await sleep(0.1)
         with open(tokens, "w") as f:
             f.write("not,\n")
-        await sleep(2.5)
-        r = await treq.get(f"http://127.0.0.1:{proxy.admin_port}/metrics", persistent=False)
-        s = samples(await r.text())
+        deadline = time.monotonic() + 10
+        while not value(s := await scrape(proxy), "connectors_proxy_reloads_total", source="tokens", result="error"):
+            self.assertLess(time.monotonic(), deadline, "the broken token file was never counted")
+            await sleep(0.1)
         self.assertEqual(value(s, "connectors_proxy_reloads_total", source="tokens", result="ok"), 1)
         self.assertEqual(value(s, "connectors_proxy_reloads_total", source="tokens", result="error"), 1)
         self.assertEqual(value(s, "connectors_proxy_reloads_total", source="manifests", result="ok"), 0)
@@ -534,8 +532,11 @@ class AbandonedUploadTests(TestCase):
         first.sendall(head + b"y" * 1000)
         second = socket.create_connection(("127.0.0.1", proxy.port))
         second.sendall(head + b"y" * 1000)
-        await sleep(1.5)
-        s = await scrape(proxy)
+        deadline = time.monotonic() + 10
+        while not value(s := await scrape(proxy), "connectors_proxy_upstream_queued_requests",
+                        namespace=TEAM, connector="api"):
+            self.assertLess(time.monotonic(), deadline, "the second request was never queued")
+            await sleep(0.05)
         self.assertEqual(value(s, "connectors_proxy_upstream_queued_requests", namespace=TEAM, connector="api"), 1)
         left = time.monotonic()
         second.close()

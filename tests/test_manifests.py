@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from connectors_proxy.model.objects import InvalidObject, ObjectRef, parse_object
+from connectors_proxy.model.objects import InvalidObject, ObjectRef, parse_object, validate_address
 from connectors_proxy.model.state import Store
 from connectors_proxy.ops.logformat import json_line, text_line
 from connectors_proxy.protocols.oci.resource import error_body
@@ -86,6 +86,15 @@ class Objects(SynchronousTestCase):
             e = self.assertRaises(InvalidObject, parse_object, doc)
             self.assertIn(what, str(e))
             self.assertIn(field, e.field)
+
+    def test_address_errors_quote_no_credentials(self) -> None:
+        """A rejected address is quoted (into statuses and logs) without its userinfo or query."""
+        canary = "canary-" + os.urandom(8).hex()
+        for address in (f"https://u:{canary}@h:port/", f"ftp://u:{canary}@h", f"http://u:{canary}@[::1",
+                        f"https://h/?private_token={canary}", f"https://h/#{canary}"):
+            e = self.assertRaises(InvalidObject, validate_address, address)
+            self.assertNotIn(canary, str(e))
+            self.assertIn("h", e.problem)
 
     def test_duplicate_across_files(self) -> None:
         folder = self.mktemp()

@@ -184,7 +184,6 @@ class LocationTests(RelayTestCase):
                          [b'<http://proxy.local:8080/namespaces/default/connectors/api/paged?page=2>; rel="next"'])
 
 
-
 class HopByHopTests(RelayTestCase):
     def test_request_headers(self) -> None:
         """
@@ -215,7 +214,6 @@ class HopByHopTests(RelayTestCase):
         """SPEC 10: headers the upstream's C{Connection} names are dropped."""
         response = self.get(PATH + b"/hops")
         self.assertEqual(response.header(b"x-up-hop"), [])
-
 
 
 class StreamingTests(RelayTestCase):

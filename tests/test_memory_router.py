@@ -269,6 +269,22 @@ class RoutingTests(RouterTestCase):
         self.assertEqual(response.header(b"proxy-authenticate"), [REALM])
         self.assertEqual(self.upstream_requests(), [])
 
+    def test_target_user_info_not_logged(self) -> None:
+        """
+        A target carrying user info (a client's password for it) is refused,
+        and its access line shows the target without that password.
+        """
+        password = secrets.token_hex(8)
+        for target in (f"http://me:{password}@api.test/base/x".encode(), f"me:{password}@api.test:443".encode()):
+            method = b"GET" if target.startswith(b"http") else b"CONNECT"
+            response = self.get(target, basic_auth("default/api", self.token, b"Proxy-Authorization"),
+                                method=method)
+            self.assertEqual(response.code, 400, target)
+        logs = self.proxy.logs.text()
+        self.assertIn("REDACTED@api.test", logs)
+        self.assertNotIn(password, logs)
+        self.assertEqual(self.upstream_requests(), [])
+
     def test_host_and_path_naming_different_connectors(self) -> None:
         """SPEC 5: a host and a path that name different Connectors is a 400."""
         response = self.get(b"/namespaces/default/connectors/open/x", bearer(self.token), host=b"c-api.default.svc")

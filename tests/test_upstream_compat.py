@@ -48,7 +48,7 @@ from connectors_proxy.kube.config import load_kubeconfig
 from connectors_proxy.kube.identity import KubeIdentityVerifier, pod_subresource
 from connectors_proxy.model.flags import DEFAULTS, PROXY_PERMISSIONS, parse_flags
 from connectors_proxy.model.objects import InvalidObject, ObjectRef, parse_connector
-from connectors_proxy.model.state import Snapshot, Store
+from connectors_proxy.model.state import Store
 from connectors_proxy.router import Listed, Refused, Unlisted, forward_decision, forward_unlisted_policy
 from connectors_proxy.server.routing import BadTarget, Route, route
 from connectors_proxy.sources.lint import lint_document
@@ -68,6 +68,7 @@ from .support.proxy import (
     connector_class,
     manifests_text,
     sa,
+    snapshot_of,
     start_proxy,
 )
 from .test_kube_real import RBAC, RealClusterCase
@@ -76,10 +77,6 @@ log = Logger()
 
 CLUSTER_LOCAL = "cluster.local"
 REALM = b'Basic realm="connectors-proxy"'
-
-
-def snapshot_of(*docs: Mapping[str, Any]) -> Snapshot:
-    return Snapshot.of(parse_documents(manifests_text(docs), "<test>"))
 
 
 def upstream_class(name: str) -> dict[str, Any]:

@@ -51,7 +51,7 @@ READY = "Ready"
 #: Connector: kept as they are, and counted in C{Ready} when present (unless
 #: written with severity C{Info}, as upstream writes C{CACertReady}: Info
 #: conditions inform and do not gate readiness).
-FOREIGN_READINESS = ("LivenessReady", "AuthReady", "CACertReady")
+FOREIGN_READINESS = ("LivenessReady", "AuthReady", CA_CERT_READY)
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 

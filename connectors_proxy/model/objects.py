@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Union
 from urllib.parse import urlsplit
@@ -250,22 +251,29 @@ def _ref(doc: Mapping[str, Any], path: str, what: str, default_ns: str) -> Objec
     return ObjectRef(ns, _dns_name(name, what, path + ".name"))
 
 
+# The userinfo of a URL (after the scheme, up to the last "@" of the authority).
+_USERINFO = re.compile(r"^([^:/?#]*:?//)[^/?#]*@")
+
+
 def validate_address(address: str, what: str = "address", path: str = "spec.address") -> str:
     """
     Check that C{address} is an absolute C{http} or C{https} URL with a host
     and neither query nor fragment, and return it without a trailing slash.
     """
+    # The messages quote the address into statuses and logs: never its
+    # userinfo or query, where a password or a token would be.
+    shown = repr(_USERINFO.sub(r"\1***@", address.partition("#")[0].partition("?")[0]))
     try:
         parts = urlsplit(address)
         port = parts.port
     except ValueError as e:
-        raise InvalidObject(what, path, f"{address!r} is not a URL ({e})") from None
+        raise InvalidObject(what, path, f"{shown} is not a URL ({e})") from None
     if parts.scheme not in ("http", "https"):
-        raise InvalidObject(what, path, f"{address!r} must start with http:// or https://")
+        raise InvalidObject(what, path, f"{shown} must start with http:// or https://")
     if not parts.hostname:
-        raise InvalidObject(what, path, f"{address!r} has no host")
+        raise InvalidObject(what, path, f"{shown} has no host")
     if parts.query or parts.fragment:
-        raise InvalidObject(what, path, f"{address!r} must not carry a query or a fragment")
+        raise InvalidObject(what, path, f"{shown} must not carry a query or a fragment")
     if parts.username or parts.password:
         raise InvalidObject(what, path, "must not carry credentials; put them in a Secret")
     del port

@@ -14,7 +14,6 @@ Where the target may be is L{connectors_proxy.upstream.forward}'s call.
 
 from __future__ import annotations
 
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
@@ -47,13 +46,7 @@ def response_headers(upstream: Headers) -> Headers:
 
 def _describe(reason: Failure, url: bytes) -> str:
     where = url.decode("latin-1").split("?", 1)[0]
-    if reason.check(DNSLookupError):
-        return f"cannot resolve the host of {where}"
-    if reason.check(TimeoutError):
-        return f"timed out connecting to {where}"
-    if reason.check(ConnectError):
-        return f"cannot connect to {where} ({reason.value.__class__.__name__})"
-    return f"{where} closed the connection without a complete response"
+    return relay.describe_connect_error(reason.value, where) or f"{where} closed the connection without a complete response"
 
 
 def _failed(reason: Failure, target: Target, url: bytes) -> errors.ProxyError:

@@ -30,12 +30,34 @@ ACCESS_FORMAT = (
 )
 
 
+def _without_userinfo(target: bytes) -> bytes:
+    """
+    An absolute-form or C{CONNECT} target with its user info (a client's
+    password for the target: the proxy refuses such targets, but logs
+    them) replaced by C{REDACTED}.
+    """
+    scheme = target.find(b"://")
+    start = scheme + 3 if scheme >= 0 else 0
+    end = len(target)
+    for mark in (b"/", b"?", b"#"):
+        found = target.find(mark, start)
+        if 0 <= found < end:
+            end = found
+    at = target.rfind(b"@", start, end)
+    if at < 0:
+        return target
+    return target[:start] + b"REDACTED" + target[at:]
+
+
 def redact_target(target: bytes) -> str:
     """
     The request target for a log line: the values of secret-looking query
-    parameters (C{token}, C{access_token}, C{password}, C{secret}) replaced
-    by C{REDACTED}; anything that is not text shown escaped.
+    parameters (C{token}, C{access_token}, C{password}, C{secret}) and any
+    user info of an absolute-form target replaced by C{REDACTED}; anything
+    that is not text shown escaped.
     """
+    if not target.startswith(b"/"):
+        target = _without_userinfo(target)
     path, sep, query = target.partition(b"?")
     if sep:
         def redact(match: re.Match[bytes]) -> bytes:

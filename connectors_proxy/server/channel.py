@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -237,6 +238,10 @@ class ProxyRequest(server.Request):
     # mid-body; "client": it went away; "proxy": the proxy could not go
     # on), so the log and metrics do not count it as a complete response.
     truncated: str | None = None
+    # What the relay does if the client goes away (cancel the upstream
+    # request, stop its body), behind one notifyFinish watch per request.
+    on_disconnect: Callable[[], object] | None = None
+    disconnect_watched = False
     # Twisted's Request has a logger of its own, but under a private name.
     _log = Logger()
     _early = False

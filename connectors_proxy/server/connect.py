@@ -95,16 +95,18 @@ class ConnectContext:
     @ivar certified: the identity a verified client certificate proved on
         the connection the C{CONNECT} came in on (a C{cptls:} listener with
         C{clientCA=}), else C{None}.
+    @ivar origin: C{https://host:port}, the origin the requests inside
+        address (made once per tunnel, not per request).
     """
 
     host: str
     port: int
     proxy_authorization: bytes | None = field(repr=False)
     certified: Any = None
+    origin: bytes = field(init=False, repr=False, eq=False)
 
-    @property
-    def origin(self) -> bytes:
-        """C{https://host:port}: the origin the requests inside address."""
+    @origin.default
+    def _origin(self) -> bytes:
         return b"https://" + authority(self.host, self.port).encode("ascii")
 
 
@@ -121,6 +123,9 @@ def _host_matches(context: ConnectContext, host: bytes) -> bool:
     name = name.rstrip(".")
     if port and (not port.isdigit() or int(port) != context.port):
         return False
+    if name == context.host:
+        # The usual case, without ipaddress's ValueError for a DNS name.
+        return True
     try:
         return ipaddress.ip_address(name) == ipaddress.ip_address(context.host)
     except ValueError:

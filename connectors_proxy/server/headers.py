@@ -6,7 +6,6 @@ L{twisted.web.http_headers.Headers}.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from twisted.web.http_headers import Headers
@@ -42,8 +41,16 @@ def _connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def _copy(headers: Headers, drop: Iterable[bytes]) -> Headers:
-    dropped = set(drop) | HOP_BY_HOP | _connection_tokens(headers)
+# What each direction drops, hop-by-hop fields included: built once, not per request.
+_UPSTREAM_DROPPED = HOP_BY_HOP | _NOT_UPSTREAM | _FORWARDED_ORIGIN
+_DOWNSTREAM_DROPPED = HOP_BY_HOP | _NOT_DOWNSTREAM
+
+
+def _copy(headers: Headers, dropped: frozenset[bytes]) -> Headers:
+    """C{headers} without the names in C{dropped} (which holds L{HOP_BY_HOP}) or nominated by C{Connection}."""
+    nominated = _connection_tokens(headers)
+    if nominated:
+        dropped = dropped | nominated
     out = Headers()
     # Values of a Headers are valid already: copied as they are, not set
     # again one by one (which encodes each name and sanitizes each value).
@@ -84,7 +91,7 @@ def upstream_request_headers(client: Headers, client_address: str, client_host: 
     C{X-Forwarded-Proto} and C{X-Forwarded-Host} set when C{client_scheme}
     and C{client_host} are given (and replaced, not passed on, when not).
     """
-    out = _copy(client, _NOT_UPSTREAM | drop | _FORWARDED_ORIGIN)
+    out = _copy(client, _UPSTREAM_DROPPED | drop if drop else _UPSTREAM_DROPPED)
     forwarded_for = b", ".join(client.getRawHeaders(b"x-forwarded-for", []))
     addr = client_address.encode("ascii", "replace")
     out.setRawHeaders(b"X-Forwarded-For", [forwarded_for + b", " + addr if forwarded_for else addr])
@@ -102,11 +109,11 @@ def client_response_headers(upstream: Headers, secrets: Secrets = NO_SECRETS) ->
     credentials, README.md "Reflected credentials"); the rest kept (repeated ones too).
     C{Location} is rewritten separately, by L{rewrite_location}.
 
-    The names the upstream's C{Connection} header nominates are dropped
-    too, but Twisted's client keeps that header out of C{response.headers}:
-    L{connectors_proxy.upstream.relay} drops them before the response gets here.
+    The names the upstream's C{Connection} header nominates never get
+    here: the upstream client drops them with that header
+    (L{connectors_proxy.upstream.client}).
     """
-    out = _copy(upstream, _NOT_DOWNSTREAM)
+    out = _copy(upstream, _DOWNSTREAM_DROPPED)
     drop_reflected(out, secrets)
     return out
 

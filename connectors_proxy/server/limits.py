@@ -301,14 +301,16 @@ class ConcurrencyLimiter:
         return -1
 
 
-async def admit(limiter: ConcurrencyLimiter, request: Any, key: Hashable, name: str, who: Hashable = None) -> None:
+async def admit(limiter: ConcurrencyLimiter, request: Any, key: Hashable, name: str | None = None,
+                who: Hashable = None) -> None:
     """
     Wait for C{request}'s turn on C{key}'s lane; the slot is given back when
     the response ends (or the client goes away).  Raises a 503 L{ProxyError}
     (with C{Retry-After} set on C{request}) when the lane is full, and a 499
     one when the client leaves while queued.
 
-    @param name: the Connector as shown in the error message.
+    @param name: the Connector as shown in the error message (default:
+        C{str(key)}, made only for a refusal, not for every request).
     @param who: the client's identity, for fair turns between identities.
     """
     d = limiter.acquire(key, who)
@@ -327,7 +329,7 @@ async def admit(limiter: ConcurrencyLimiter, request: Any, key: Hashable, name: 
             why = f"its queue is full ({e.waiting} waiting)"
         raise errors.ProxyError(
             503, "TOOMANYREQUESTS",
-            f"Connector {name} is busy: {e.active} requests in progress and {why}; retry in {RETRY_AFTER}s",
+            f"Connector {key if name is None else name} is busy: {e.active} requests in progress and {why}; retry in {RETRY_AFTER}s",
         ) from None
     except CancelledError:
         raise errors.ProxyError(499, "CLIENT_CLOSED", "client went away") from None

@@ -130,15 +130,23 @@ class Material:
     raw: tuple[bytes | None, ...] = field(repr=False)
 
 
-def read_material(files: TLSFiles, now: float,
-                  default_names: Sequence[str] = ("localhost",)) -> Material:
-    """
-    Read and check the files.  Raise L{ValueError} naming the file and the
-    problem.  Without C{cert}, the default certificate is minted by the CA
-    for C{default_names}.
-    """
-    raw = tuple(_read(p, w) for p, w in zip(
+def read_files(files: TLSFiles) -> tuple[bytes | None, ...]:
+    """The files' bytes, in L{TLSFiles.paths} order; L{ValueError} naming one that cannot be read."""
+    return tuple(_read(p, w) for p, w in zip(
         files.paths(), ("certKey", "privateKey", "caCert", "caKey", "clientCA"), strict=True))
+
+
+def read_material(files: TLSFiles, now: float,
+                  default_names: Sequence[str] = ("localhost",),
+                  raw: tuple[bytes | None, ...] | None = None) -> Material:
+    """
+    Read and check the files (or C{raw}, what L{read_files} read of
+    them).  Raise L{ValueError} naming the file and the problem.  Without
+    C{cert}, the default certificate is minted by the CA for
+    C{default_names}.
+    """
+    if raw is None:
+        raw = read_files(files)
     cert_pem, key_pem, ca_cert_pem, ca_key_pem, client_ca_pem = raw
     ca = None
     if ca_cert_pem is not None or ca_key_pem is not None:
@@ -265,10 +273,10 @@ class ServerTLS:
         once, and is tried again at the next tick.
         """
         try:
-            raw = tuple(_read(p, "file") for p in self.files.paths())
+            raw = read_files(self.files)
             if raw == self.material.raw:
                 return False
-            material = read_material(self.files, self.clock.seconds(), self.default_names)
+            material = read_material(self.files, self.clock.seconds(), self.default_names, raw)
         except ValueError as e:
             if str(e) != self._last_error:
                 self._last_error = str(e)

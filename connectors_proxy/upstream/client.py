@@ -45,7 +45,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -73,8 +72,6 @@ from connectors_proxy.upstream.framing import (
     parse_head,
 )
 from connectors_proxy.upstream.timeouts import UpstreamTimeout, UpstreamTimeouts
-
-log = Logger()
 
 MAX_IDLE_PER_ORIGIN = 64
 IDLE_TIMEOUT = 30.0

@@ -37,14 +37,15 @@ from zope.interface import implementer
 ATTEMPT_DELAY = 0.3
 
 
-def _tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+def tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """A TCP endpoint to the IP address C{host} (v4 or v6)."""
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
     return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
 
 
 @implementer(IResolutionReceiver)
-class _Addresses:
+class Addresses:
     """Collects a name resolution's addresses; C{done} fires with them."""
 
     def __init__(self) -> None:
@@ -82,7 +83,7 @@ class FastFailEndpoint:
         return f"<FastFailEndpoint {self._host}:{self._port}>"
 
     def connect(self, factory: Any) -> Deferred[Any]:
-        receiver = _Addresses()
+        receiver = Addresses()
         self._reactor.nameResolver.resolveHostName(receiver, self._host, portNumber=self._port)
         attempt = _Attempts(self._reactor, self._host, self._port, self._timeout, self._attempt_delay, factory)
         result: Deferred[Any] = Deferred(lambda _: attempt.cancel())
@@ -127,7 +128,7 @@ class _Attempts:
             return
         address = self.addresses[self.started]
         self.started += 1
-        d = _tcp_endpoint(self.reactor, address.host, self.port, self.timeout).connect(  # type: ignore[attr-defined]
+        d = tcp_endpoint(self.reactor, address.host, self.port, self.timeout).connect(  # type: ignore[attr-defined]
             self.factory)
         self.pending.append(d)
         d.addCallbacks(self._connected, self._failed, errbackArgs=(d,))
@@ -187,7 +188,7 @@ def upstream_endpoint(reactor: Any, uri: URI, policy: IPolicyForHTTPS, timeout: 
         host = ""
     endpoint: IStreamClientEndpoint
     if host and (isIPAddress(host) or isIPv6Address(host)):
-        endpoint = _tcp_endpoint(reactor, host, uri.port, timeout)
+        endpoint = tcp_endpoint(reactor, host, uri.port, timeout)
     elif host:
         endpoint = FastFailEndpoint(reactor, host, uri.port, timeout)
     else:

@@ -24,13 +24,12 @@ from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import (
-    IHostResolution,
+    IAddress,
     IProtocol,
     IProtocolFactory,
-    IResolutionReceiver,
     IStreamClientEndpoint,
 )
 from twisted.web.client import URI
@@ -39,6 +38,7 @@ from zope.interface import implementer
 
 from connectors_proxy.tls.upstream import upstream_policy
 from connectors_proxy.upstream.agents import Agents
+from connectors_proxy.upstream.connect import Addresses, tcp_endpoint
 from connectors_proxy.upstream.timeouts import UpstreamTimeouts
 
 
@@ -135,29 +135,17 @@ Resolve = Callable[[str, int], Deferred[Sequence[str]]]
 """Resolves a host name to its IP addresses (as text)."""
 
 
-@implementer(IResolutionReceiver)
-class _Collect:
-    def __init__(self) -> None:
-        self.addresses: list[str] = []
-        self.done: Deferred[Sequence[str]] = Deferred()
-
-    def resolutionBegan(self, resolution: IHostResolution) -> None:
-        pass
-
-    def addressResolved(self, address: Any) -> None:
-        self.addresses.append(address.host)
-
-    def resolutionComplete(self) -> None:
-        self.done.callback(self.addresses)
+def _hosts(addresses: list[IAddress]) -> Sequence[str]:
+    return [a.host for a in addresses]  # type: ignore[attr-defined]
 
 
 def system_resolver(reactor: Any) -> Resolve:
     """Resolve with the reactor's resolver (the system's, as Twisted's own endpoints do)."""
 
     def resolve(host: str, port: int) -> Deferred[Sequence[str]]:
-        receiver = _Collect()
+        receiver = Addresses()
         reactor.nameResolver.resolveHostName(receiver, host, port)
-        return receiver.done
+        return receiver.done.addCallback(_hosts)
 
     return resolve
 
@@ -170,11 +158,7 @@ def direct(reactor: Any, policy: IPolicyForHTTPS, timeout: float) -> ConnectTo:
     """TCP to the checked address; TLS on top for C{https}, verified against the URL's host name."""
 
     def connect_to(uri: URI, address: str) -> IStreamClientEndpoint:
-        tcp: IStreamClientEndpoint
-        if ":" in address:
-            tcp = TCP6ClientEndpoint(reactor, address, uri.port, timeout=timeout)
-        else:
-            tcp = TCP4ClientEndpoint(reactor, address, uri.port, timeout=timeout)
+        tcp = tcp_endpoint(reactor, address, uri.port, timeout)
         if uri.scheme == b"https":
             return wrapClientTLS(policy.creatorForNetloc(uri.host, uri.port), tcp)
         return tcp

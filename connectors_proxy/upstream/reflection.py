@@ -179,7 +179,7 @@ def secrets_for(credentials: Credentials | None, *extra: bytes | str | None) -> 
 
 @functools.lru_cache(maxsize=1024)
 def _of_credentials(credentials: Credentials) -> Secrets:
-    # Per request, twice: the values are worked out once per credentials.
+    # Per response: the values are worked out once per credentials.
     return _secrets(tuple(sorted(set(credentials.secret_values()))))
 
 

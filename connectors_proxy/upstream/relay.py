@@ -20,7 +20,6 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     ResponseDone,
@@ -46,8 +45,6 @@ from connectors_proxy.upstream.framing import Framing, MalformedResponse
 from connectors_proxy.upstream.reflection import DECODABLE, Inflater, Masker, Secrets, secrets_for, textual
 from connectors_proxy.upstream.target import Target
 from connectors_proxy.upstream.timeouts import UpstreamTimeout
-
-log = Logger()
 
 # Response bodies up to this size (with a Content-Length) are relayed
 # without backpressure bookkeeping: the most a slow client can pin is this.
@@ -110,15 +107,23 @@ def describe_failure(reason: Failure, target: Target, url: bytes | None = None) 
         reason = Failure(inner)
     if tls_error(reason) is not None:
         return f"TLS to {address} failed: {describe_tls_failure(reason, urlsplit(address).hostname)}"
-    if isinstance(inner, DNSLookupError):
-        return f"cannot resolve the host of {address}"
-    if isinstance(inner, (TimeoutError, ConnectingCancelledError)):
-        return f"timed out connecting to {address}"
-    if isinstance(inner, ConnectError):
-        return f"cannot connect to {address} ({inner.__class__.__name__})"
+    connecting = describe_connect_error(inner, address)
+    if connecting is not None:
+        return connecting
     if isinstance(inner, MalformedResponse):
         return f"upstream {address} sent a response the proxy cannot relay: {inner}"
     return f"upstream {address} closed the connection without a complete response"
+
+
+def describe_connect_error(error: BaseException | None, address: str) -> str | None:
+    """Why a connection to C{address} could not be made, if C{error} says (C{None}: it does not)."""
+    if isinstance(error, DNSLookupError):
+        return f"cannot resolve the host of {address}"
+    if isinstance(error, (TimeoutError, ConnectingCancelledError)):
+        return f"timed out connecting to {address}"
+    if isinstance(error, ConnectError):
+        return f"cannot connect to {address} ({error.__class__.__name__})"
+    return None
 
 
 def unreachable(reason: Failure, target: Target, url: bytes) -> ProxyError:
@@ -157,29 +162,36 @@ async def send(target: Target, method: bytes, url: bytes, headers: Headers,
 
 
 def _on_disconnect(request: ProxyRequest, action: Callable[[], object]) -> Callable[[], None]:
-    """Run C{action} if the client disconnects; the returned callable disarms it."""
-    armed = [True]
-
-    def lost(reason: Failure) -> None:
-        if armed[0]:
-            action()
-
-    request.notifyFinish().addErrback(lost)
+    """
+    Run C{action} if the client disconnects; the returned callable disarms
+    it.  A request is watched once (one C{notifyFinish} Deferred, however
+    many sends and responses it goes through): each call only replaces the
+    action that watch runs.
+    """
+    if not request.disconnect_watched:
+        request.disconnect_watched = True
+        request.notifyFinish().addErrback(_client_lost, request)
+    request.on_disconnect = action
 
     def disarm() -> None:
-        armed[0] = False
+        if request.on_disconnect is action:
+            request.on_disconnect = None
 
     return disarm
 
 
-def response_headers(target: Target, response: IResponse, secrets: Secrets | None = None) -> Headers:
+def _client_lost(reason: Failure, request: ProxyRequest) -> None:
+    action, request.on_disconnect = request.on_disconnect, None
+    if action is not None:
+        action()
+
+
+def response_headers(target: Target, response: IResponse, secrets: Secrets) -> Headers:
     """
     Upstream response headers for the client, with C{Location} mapped back,
-    and without values that reflect C{secrets} (by default, those of the
-    target's credentials).
+    and without values that reflect C{secrets} (those of the target's
+    credentials: L{secrets_for}, worked out once per response by the caller).
     """
-    if secrets is None:
-        secrets = secrets_for(target.credentials)
     headers = client_response_headers(response.headers, secrets)
     locations = headers.getRawHeaders(b"location")
     if locations:

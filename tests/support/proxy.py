@@ -58,6 +58,11 @@ def manifests_text(objects: Iterable[Mapping[str, Any]]) -> str:
     return yaml.safe_dump_all(list(objects), sort_keys=False)
 
 
+def snapshot_of(*objects: Mapping[str, Any]) -> Snapshot:
+    """What the proxy knows from C{objects}, parsed as a manifest file would be."""
+    return Snapshot.of(parse_documents(manifests_text(objects), "<test>"))
+
+
 def connector_class(name: str, protocol: str = "http", optional: bool = False) -> dict[str, Any]:
     return {
         "apiVersion": "connectors.alauda.io/v1alpha1", "kind": "ConnectorClass",
@@ -131,7 +136,7 @@ class RunningProxy:
 
     def set_objects(self, objects: Iterable[Mapping[str, Any]]) -> None:
         """Replace what the proxy knows, as a manifest reload would."""
-        self.store.replace(Snapshot.of(parse_documents(manifests_text(objects), "<test>")))
+        self.store.replace(snapshot_of(*objects))
 
     def set_tokens(self, tokens: Mapping[str, str]) -> None:
         self.tokens.table = parse_token_file(token_file_text(tokens))
